@@ -1,0 +1,828 @@
+#!/usr/bin/python3
+#
+# tcpstates   Trace TCP socket state changes, with the time spent in the
+#             previous state. For Linux, uses BCC and eBPF.
+#
+# Traces the sock:inet_sock_set_state tracepoint (Linux 4.16 and later; the
+# tracepoint itself is required, there is no kprobe fallback). TCP only, IPv4
+# and IPv6.
+#
+# Licensed under the Apache License, Version 2.0 (the "License").
+# See the LICENSE file beside this one.
+"""Trace TCP state changes live, with the time each socket spent in its
+previous state.
+
+The module is importable without BCC or root: ``bcc`` is imported only by the
+runtime, so the argument parsing, decoding and formatting below can be tested
+anywhere. Run it as root with Debian's /usr/bin/python3 (which sees
+python3-bpfcc).
+"""
+
+import argparse
+import collections
+import csv
+import ctypes
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+PROG = "tcpstates"
+
+# TCP states as numbered in the kernel's include/net/tcp_states.h.
+# BOUND_INACTIVE (13) arrived in Linux 6.10; anything newer prints as a number.
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+    13: "BOUND_INACTIVE",
+}
+TCP_CLOSE = 7
+TCP_LISTEN = 10
+
+
+def state_name(number):
+    """Name of a kernel TCP state number; unknown numbers print as digits."""
+    return TCP_STATES.get(number) or str(number)
+
+
+# Columns as the upstream bcc tool prints them, so that scripts keep working.
+# Each entry: (title, printf conversion for the table, wide-mode conversion).
+# The same conversion formats the header and the rows, so they cannot drift.
+TABLE_COLUMNS = (
+    ("SKADDR", "%-16s", "%-16s"),
+    ("C-PID", "%-5s", "%-5s"),
+    ("C-COMM", "%-10.10s", "%-16.16s"),
+    ("IP", None, "%-2s"),            # wide mode only
+    ("LADDR", "%-15s", "%-26s"),
+    ("LPORT", "%-5s", "%-5s"),
+    ("RADDR", "%-15s", "%-26s"),
+    ("RPORT", "%-5s", "%-5s"),
+    ("OLDSTATE", "%-11s", "%-11s"),
+    ("->", "%s", "%s"),
+    ("NEWSTATE", "%-11s", "%-11s"),
+    ("MS", "%s", "%s"),
+)
+TIME_COLUMN = ("TIME", "%-8s")
+TIMESTAMP_COLUMN = ("TIME(s)", "%-9s")
+CSV_COLUMNS = ("SKADDR", "C-PID", "C-COMM", "IP", "LADDR", "LPORT", "RADDR",
+               "RPORT", "OLDSTATE", "NEWSTATE", "MS")
+
+# ---------------------------------------------------------------------------
+# The BPF program. It is static text: options reach it as -D defines (cflags)
+# and as port sets held in BPF maps, never by editing this string.
+# ---------------------------------------------------------------------------
+BPF_PROGRAM = r"""
+/*
+ * tcpstates: one event per TCP state change, from sock:inet_sock_set_state.
+ *
+ * No kernel header is included: the few constants needed are spelled out
+ * below, and BCC builds the tracepoint's argument struct (args->...) from
+ * tracefs at run time. Including net/sock.h and friends would triple the
+ * compile time and tie the program to one kernel's struct layouts, which it
+ * never reads.
+ */
+#define AF_INET      2
+#define AF_INET6     10
+#define IPPROTO_TCP  6
+#define TCP_LISTEN   10
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE    7
+
+#ifndef MAX_SOCKETS
+#define MAX_SOCKETS 131072
+#endif
+
+#define SPAN_KNOWN 1
+
+/* One layout for IPv4 and IPv6 (IPv4 uses the first 4 bytes of each
+ * address). Every byte is named, so no padding reaches user space unset. */
+struct event {
+    u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    u64 skaddr;
+    u64 span_us;        /* time in the previous state, 0 if unknown */
+    u32 pid;            /* on-CPU task (tgid); see the C-PID caveat */
+    u16 lport;
+    u16 rport;
+    u8 laddr[16];
+    u8 raddr[16];
+    u16 family;
+    u16 oldstate;
+    u16 newstate;
+    u16 flags;          /* SPAN_KNOWN */
+    char comm[16];
+};
+
+/* When each socket entered its current state. LRU: on a host with more live
+ * sockets than MAX_SOCKETS the least recently changed ones are evicted, and
+ * their next span is reported as unknown (0) rather than lost or wrong. */
+BPF_TABLE("lru_hash", u64, u64, state_since, MAX_SOCKETS);
+
+/* Port sets for -L and -D, as bitmaps: bit (port & 63) of word (port >> 6).
+ * Filled from Python before the program is attached. */
+BPF_ARRAY(local_ports, u64, 1024);
+BPF_ARRAY(remote_ports, u64, 1024);
+
+BPF_PERF_OUTPUT(events);
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    /* The tracepoint also fires for SCTP (132) and MPTCP (262). */
+    if (args->protocol != IPPROTO_TCP)
+        return 0;
+#ifdef FILTER_FAMILY
+    if (args->family != FILTER_FAMILY)
+        return 0;
+#endif
+
+    u64 sk = (u64)args->skaddr;
+    int oldstate = args->oldstate;
+    int newstate = args->newstate;
+    u64 now = bpf_ktime_get_ns();
+    u64 span_us = 0;
+    u16 flags = 0;
+
+    /* A socket leaving CLOSE, or a child socket making its first move
+     * (LISTEN -> SYN_RECV: it was cloned from the listener a moment ago),
+     * starts a new life: any entry under this address belongs to an earlier
+     * socket that the kernel freed at the same address, so it is ignored. */
+    int fresh = oldstate == TCP_CLOSE ||
+                (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
+    if (!fresh) {
+        u64 *since = state_since.lookup(&sk);
+        if (since && now >= *since) {
+            span_us = (now - *since) / 1000;
+            flags = SPAN_KNOWN;
+        }
+    }
+    /* Spans are tracked for every TCP socket, also those the port filters
+     * hide: a socket's first events can carry port 0 (a client's local port
+     * is chosen during connect), and its later spans must still be right. */
+    if (newstate == TCP_CLOSE)
+        state_since.delete(&sk);
+    else
+        state_since.update(&sk, &now);
+
+    u16 lport = args->sport;
+    u16 rport = args->dport;
+#ifdef FILTER_LPORT
+    {
+        u32 word = lport >> 6;
+        u64 *bits = local_ports.lookup(&word);
+        if (!bits || !(*bits & (1ULL << (lport & 63))))
+            return 0;
+    }
+#endif
+#ifdef FILTER_RPORT
+    {
+        u32 word = rport >> 6;
+        u64 *bits = remote_ports.lookup(&word);
+        if (!bits || !(*bits & (1ULL << (rport & 63))))
+            return 0;
+    }
+#endif
+
+    struct event ev = {};
+    ev.ts_ns = now;
+    ev.skaddr = sk;
+    ev.span_us = span_us;
+    ev.pid = bpf_get_current_pid_tgid() >> 32;
+    ev.lport = lport;
+    ev.rport = rport;
+    ev.family = args->family;
+    ev.oldstate = oldstate;
+    ev.newstate = newstate;
+    ev.flags = flags;
+    if (args->family == AF_INET) {
+        __builtin_memcpy(ev.laddr, args->saddr, 4);
+        __builtin_memcpy(ev.raddr, args->daddr, 4);
+    } else {
+        __builtin_memcpy(ev.laddr, args->saddr_v6, 16);
+        __builtin_memcpy(ev.raddr, args->daddr_v6, 16);
+    }
+    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+    events.perf_submit(args, &ev, sizeof(ev));
+    return 0;
+}
+"""
+
+# struct event, as laid out above (little-endian, no implicit padding).
+EVENT_STRUCT = struct.Struct("<QQQIHH16s16sHHHH16s")
+SPAN_KNOWN = 1
+
+Event = collections.namedtuple("Event", (
+    "ts_ns", "skaddr", "span_us", "pid", "lport", "rport", "laddr", "raddr",
+    "family", "oldstate", "newstate", "flags", "comm"))
+
+TRACEPOINT = "sock:inet_sock_set_state"
+TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
+DEFAULT_PERF_PAGES = 256        # per CPU: 1 MiB, about 10,000 events
+POLL_TIMEOUT_MS = 100           # a lone event shows within about this long
+WAKEUP_EVENTS = 16              # reader wake-ups: one per this many events
+REORDER_MARGIN_NS = 2_000_000   # see Tracer._drain
+
+
+class UsageError(Exception):
+    """A bad option or argument: exit status 2."""
+
+
+class Fatal(Exception):
+    """A runtime failure with a one-line explanation: exit status 1."""
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers: no BCC, no root.
+# ---------------------------------------------------------------------------
+def port_list(text):
+    """Parse "80,443" into a sorted tuple of ports; for argparse's type=."""
+    ports = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise argparse.ArgumentTypeError(
+                "invalid port list %r: empty item (write ports as 80,443)" % text)
+        if not item.isdigit() or not item.isascii():
+            raise argparse.ArgumentTypeError(
+                "invalid port %r: ports are numbers from 1 to 65535" % item)
+        port = int(item)
+        if not 1 <= port <= 65535:
+            raise argparse.ArgumentTypeError(
+                "invalid port %s: ports are numbers from 1 to 65535" % item)
+        ports.append(port)
+    return tuple(sorted(set(ports)))
+
+
+def port_bitmap(ports):
+    """The 1024 64-bit words of a port set, as the BPF program reads them."""
+    words = [0] * 1024
+    for port in ports:
+        words[port >> 6] |= 1 << (port & 63)
+    return words
+
+
+def bpf_cflags(args):
+    """The -D defines that configure the BPF program for these options."""
+    flags = []
+    if args.ipv4:
+        flags.append("-DFILTER_FAMILY=%d" % socket.AF_INET)
+    elif args.ipv6:
+        flags.append("-DFILTER_FAMILY=%d" % socket.AF_INET6)
+    if args.localport:
+        flags.append("-DFILTER_LPORT=1")
+    if args.remoteport:
+        flags.append("-DFILTER_RPORT=1")
+    return flags
+
+
+def ebpf_listing(args):
+    """What --ebpf prints: the cflags, the port maps' contents, the program."""
+    lines = ["// cflags: %s" % (" ".join(bpf_cflags(args)) or "(none)")]
+    if args.localport:
+        lines.append("// local_ports map: %s" % ",".join(map(str, args.localport)))
+    if args.remoteport:
+        lines.append("// remote_ports map: %s" % ",".join(map(str, args.remoteport)))
+    return "\n".join(lines) + "\n" + BPF_PROGRAM
+
+
+def decode_event(raw):
+    """Decode one perf record (bytes) into an Event."""
+    return Event._make(EVENT_STRUCT.unpack_from(raw))
+
+
+def safe_text(text):
+    """Make text safe for a terminal: every non-printable character (ESC,
+    newline, tab, other controls, bidi and zero-width marks) and the
+    backslash itself become visible backslash escapes."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) <= 0xff:
+            out.append("\\x%02x" % ord(ch))
+        elif 0xdc80 <= ord(ch) <= 0xdcff:
+            # an undecodable byte, carried here by "surrogateescape"
+            out.append("\\x%02x" % (ord(ch) - 0xdc00))
+        elif ord(ch) <= 0xffff:
+            out.append("\\u%04x" % ord(ch))
+        else:
+            out.append("\\U%08x" % ord(ch))
+    return "".join(out)
+
+
+_comm_cache = {}
+
+
+def comm_text(raw):
+    """A kernel task name (NUL-padded bytes) as terminal-safe text. Invalid
+    UTF-8 bytes show as \\xNN. Cached: a host has few distinct names."""
+    text = _comm_cache.get(raw)
+    if text is None:
+        if len(_comm_cache) > 4096:
+            _comm_cache.clear()
+        name = raw.split(b"\0", 1)[0]
+        text = safe_text(name.decode("utf-8", "surrogateescape"))
+        _comm_cache[raw] = text
+    return text
+
+
+def address_text(family, raw):
+    """An address from the event's 16-byte field, in its family's notation."""
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return "?"
+
+
+def ip_version(family):
+    return "4" if family == socket.AF_INET else "6" if family == socket.AF_INET6 else "?"
+
+
+class Clock:
+    """Turns the kernel's CLOCK_MONOTONIC event stamps into wall-clock time
+    and into seconds since the first traced event."""
+
+    def __init__(self):
+        # Both clocks read back to back; the offset holds until the wall
+        # clock is stepped (NTP), which a long run may see: good enough for
+        # an HH:MM:SS column.
+        self.wall_minus_mono = time.time_ns() - time.monotonic_ns()
+        self.first_ns = None
+        self._second = None
+        self._hms = ""
+
+    def hms(self, ts_ns):
+        second = (ts_ns + self.wall_minus_mono) // 1_000_000_000
+        if second != self._second:
+            self._second = second
+            self._hms = time.strftime("%H:%M:%S", time.localtime(second))
+        return self._hms
+
+    def since_first(self, ts_ns):
+        if self.first_ns is None:
+            self.first_ns = ts_ns
+        return (ts_ns - self.first_ns) / 1e9
+
+
+class Formatter:
+    """Turns Events into output text for the chosen mode (table, wide, CSV)."""
+
+    def __init__(self, args, clock=None):
+        self.args = args
+        self.clock = clock or Clock()
+        self.csv = args.csv
+        self.wide = args.wide
+        if self.csv:
+            self._rows = []
+            self._writer = csv.writer(_ListWriter(self._rows),
+                                      lineterminator="\n")
+        else:
+            convs = []
+            if args.time:
+                convs.append(TIME_COLUMN[1])
+            if args.timestamp:
+                convs.append(TIMESTAMP_COLUMN[1])
+            for _title, narrow, wide in TABLE_COLUMNS:
+                conv = wide if self.wide else narrow
+                if conv is not None:
+                    convs.append(conv)
+            self._fmt = " ".join(convs) + "\n"
+
+    def header_fields(self):
+        fields = []
+        if self.args.time:
+            fields.append(TIME_COLUMN[0])
+        if self.args.timestamp:
+            fields.append(TIMESTAMP_COLUMN[0])
+        if self.csv:
+            fields.extend(CSV_COLUMNS)
+        else:
+            for title, narrow, wide in TABLE_COLUMNS:
+                if (wide if self.wide else narrow) is not None:
+                    fields.append(title)
+        return fields
+
+    def header(self):
+        fields = self.header_fields()
+        if self.csv:
+            return self._csv_line(fields)
+        return self._fmt % tuple(fields)
+
+    def row_fields(self, ev):
+        fields = []
+        if self.args.time:
+            fields.append(self.clock.hms(ev.ts_ns))
+        if self.args.timestamp:
+            fields.append("%.6f" % self.clock.since_first(ev.ts_ns))
+        fields.append("%x" % ev.skaddr)
+        fields.append(str(ev.pid))
+        fields.append(comm_text(ev.comm))
+        if self.wide or self.csv:
+            fields.append(ip_version(ev.family))
+        fields.append(address_text(ev.family, ev.laddr))
+        fields.append(str(ev.lport))
+        fields.append(address_text(ev.family, ev.raddr))
+        fields.append(str(ev.rport))
+        fields.append(state_name(ev.oldstate))
+        if not self.csv:
+            fields.append("->")
+        fields.append(state_name(ev.newstate))
+        fields.append("%.3f" % (ev.span_us / 1000))
+        return fields
+
+    def row(self, ev):
+        fields = self.row_fields(ev)
+        if self.csv:
+            return self._csv_line(fields)
+        return self._fmt % tuple(fields)
+
+    def _csv_line(self, fields):
+        self._writer.writerow(fields)
+        line = "".join(self._rows)
+        self._rows.clear()
+        return line
+
+
+class _ListWriter:
+    """A file-like sink for csv.writer that collects what it writes."""
+
+    def __init__(self, target):
+        self.write = target.append
+
+
+# ---------------------------------------------------------------------------
+# Checks before any compile work: each failure gets its own message.
+# ---------------------------------------------------------------------------
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def effective_caps():
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_privileges():
+    caps = effective_caps()
+    has = lambda cap: bool(caps & (1 << cap))
+    if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))):
+        raise Fatal("loading a BPF program needs root (CAP_BPF and CAP_PERFMON, "
+                    "or CAP_SYS_ADMIN); run it with sudo")
+    if os.geteuid() != 0:
+        raise Fatal("reading tracefs and kernel headers needs root; run it with sudo")
+
+
+def find_tracefs():
+    for path in TRACEFS_CANDIDATES:
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    return None
+
+
+def check_tracepoint():
+    tracefs = find_tracefs()
+    if tracefs is None:
+        raise Fatal("tracefs is not mounted; mount it with: "
+                    "mount -t tracefs tracefs /sys/kernel/tracing")
+    category, event = TRACEPOINT.split(":")
+    if not os.path.isdir(os.path.join(tracefs, "events", category, event)):
+        raise Fatal("this kernel has no %s tracepoint (it needs Linux 4.16 or "
+                    "later); tcpstates has no kprobe fallback" % TRACEPOINT)
+
+
+def check_kernel_headers():
+    release = os.uname().release
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return
+    moddir = "/lib/modules/%s" % release
+    if os.path.isdir(os.path.join(moddir, "build")) or \
+            os.path.isdir(os.path.join(moddir, "source")):
+        return
+    raise Fatal("no kernel headers at %s/build; install linux-headers-%s "
+                "(or run setup.sh, which wires in generic headers when the "
+                "distribution has none for this kernel)" % (moddir, release))
+
+
+def import_bcc():
+    try:
+        import bcc
+    except ImportError:
+        raise Fatal("BCC's Python bindings are missing; install python3-bpfcc "
+                    "and run tcpstates with /usr/bin/python3") from None
+    return bcc
+
+
+class _StderrCapture:
+    """Sends fd 2 to a temporary file while BCC compiles, so that clang's
+    diagnostics and "modprobe: not found" never reach the user raw."""
+
+    def __enter__(self):
+        import tempfile
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode("utf-8", "replace")
+        self.file.close()
+        return False
+
+    def first_error(self):
+        for line in self.text.splitlines():
+            if "error" in line.lower():
+                return line.strip()[:200]
+        lines = [l for l in self.text.splitlines() if l.strip()]
+        return lines[-1].strip()[:200] if lines else ""
+
+
+# ---------------------------------------------------------------------------
+# The runtime.
+# ---------------------------------------------------------------------------
+class Tracer:
+    """Compiles the program, fills its maps, attaches it, and moves events
+    from the perf buffers to the output in kernel-timestamp order."""
+
+    def __init__(self, args, out):
+        self.args = args
+        self.out = out
+        self.formatter = Formatter(args)
+        self.pending = []
+        self.lost = 0
+        self.printed = 0
+        self.failure = None
+        self.stop_signal = None
+        self.bpf = None
+
+    # -- set-up ------------------------------------------------------------
+    def load(self):
+        bcc = import_bcc()
+
+        class _BPF(bcc.BPF):
+            # BCC attaches TRACEPOINT_PROBE functions inside its constructor;
+            # tcpstates attaches by hand once the port maps are filled, so
+            # that no event is ever judged against an empty filter.
+            def _trace_autoload(self):
+                pass
+
+        with _StderrCapture() as capture:
+            try:
+                self.bpf = _BPF(text=BPF_PROGRAM.encode(),
+                                cflags=bpf_cflags(self.args))
+            except Exception:
+                self.bpf = None
+        if self.bpf is None:
+            detail = capture.first_error()
+            raise Fatal("compiling the BPF program failed%s; check that the "
+                        "kernel headers match (see setup.sh)"
+                        % (": " + detail if detail else ""))
+        try:
+            self._fill_port_map("local_ports", self.args.localport)
+            self._fill_port_map("remote_ports", self.args.remoteport)
+            fn = self.bpf.load_func(b"tracepoint__sock__inet_sock_set_state",
+                                    bcc.BPF.TRACEPOINT)
+            self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=fn.name)
+            self.bpf[b"events"].open_perf_buffer(
+                self._on_event, page_cnt=self.args.perf_pages,
+                lost_cb=self._on_lost, wakeup_events=WAKEUP_EVENTS)
+        except Exception as exc:
+            self.close()
+            raise Fatal("loading or attaching the BPF program failed: %s"
+                        % (str(exc).splitlines() or ["unknown error"])[0]) from None
+
+    def _fill_port_map(self, name, ports):
+        if not ports:
+            return
+        table = self.bpf[name.encode()]
+        for index, word in enumerate(port_bitmap(ports)):
+            if word:
+                table[table.Key(index)] = table.Leaf(word)
+
+    def close(self):
+        if self.bpf is not None:
+            bpf, self.bpf = self.bpf, None
+            bpf.cleanup()
+
+    # -- callbacks (called from inside BCC's C code through ctypes) ----------
+    def _on_event(self, cpu, data, size):
+        # Keep this short: an exception here would be printed and ignored by
+        # ctypes, so it is stored and re-raised by the poll loop.
+        try:
+            self.pending.append(decode_event(ctypes.string_at(data, size)))
+        except BaseException as exc:
+            if self.failure is None:
+                self.failure = exc
+
+    def _on_lost(self, count):
+        self.lost += count
+
+    # -- the loop --------------------------------------------------------
+    def run(self):
+        self._write(self.formatter.header())
+        self.out.flush()
+        poll = self.bpf.perf_buffer_poll
+        consume = self.bpf.perf_buffer_consume
+        clock = time.monotonic_ns
+        while self.stop_signal is None:
+            poll(POLL_TIMEOUT_MS)
+            # Every event stamped before `horizon` (less a margin for a BPF
+            # program still between its timestamp and its perf_submit) is in
+            # the buffers now, so it is read by the consume below: events up
+            # to there can be emitted in timestamp order, and none that
+            # belongs before them can arrive later.
+            horizon = clock() - REORDER_MARGIN_NS
+            consume()
+            self._drain(horizon)
+        consume()
+        self._drain(None)
+
+    def _drain(self, horizon):
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise Fatal("decoding an event failed: %r" % (failure,))
+        pending = self.pending
+        if not pending:
+            return
+        pending.sort(key=_ts_key)
+        if horizon is None or pending[-1].ts_ns <= horizon:
+            ready, self.pending = pending, []
+        else:
+            cut = 0
+            while cut < len(pending) and pending[cut].ts_ns <= horizon:
+                cut += 1
+            if cut == 0:
+                return
+            ready, self.pending = pending[:cut], pending[cut:]
+        row = self.formatter.row
+        self._write("".join([row(ev) for ev in ready]))
+        self.out.flush()
+        self.printed += len(ready)
+
+    def _write(self, text):
+        self.out.write(text)
+
+    def request_stop(self, signum, _frame=None):
+        self.stop_signal = signum
+
+
+def _ts_key(ev):
+    return ev.ts_ns
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+EXAMPLES = """examples:
+    tcpstates               # trace all TCP state changes
+    tcpstates -t            # add seconds since the first event
+    tcpstates -T            # add the event's time of day (HH:MM:SS)
+    tcpstates -w            # wide columns, fit IPv6 addresses
+    tcpstates -stT          # CSV, with time of day and seconds
+    tcpstates -L 80         # only local port 80
+    tcpstates -L 80,443     # only local ports 80 and 443
+    tcpstates -D 5432       # only remote port 5432
+    tcpstates -4            # IPv4 only
+    tcpstates -6            # IPv6 only
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    parser = _Parser(
+        prog=PROG,
+        description="Trace TCP state changes and the time spent in each state",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES)
+    parser.add_argument("-T", "--time", action="store_true",
+                        help="include a time column (HH:MM:SS, the event's time)")
+    parser.add_argument("-t", "--timestamp", action="store_true",
+                        help="include seconds since the first traced event")
+    parser.add_argument("-w", "--wide", action="store_true",
+                        help="wide columns (fit IPv6 addresses), with an IP column")
+    parser.add_argument("-s", "--csv", action="store_true",
+                        help="comma-separated values, with a header row")
+    parser.add_argument("-L", "--localport", type=port_list, metavar="PORTS",
+                        help="only these local ports (comma-separated)")
+    parser.add_argument("-D", "--remoteport", type=port_list, metavar="PORTS",
+                        help="only these remote ports (comma-separated)")
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("-4", "--ipv4", action="store_true",
+                        help="trace IPv4 only")
+    family.add_argument("-6", "--ipv6", action="store_true",
+                        help="trace IPv6 only")
+    parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--perf-pages", type=_perf_pages,
+                        default=DEFAULT_PERF_PAGES, help=argparse.SUPPRESS)
+    return parser
+
+
+def _perf_pages(text):
+    try:
+        pages = int(text)
+    except ValueError:
+        pages = 0
+    if pages < 1 or pages & (pages - 1) or pages > 65536:
+        raise argparse.ArgumentTypeError(
+            "invalid page count %r: a power of two from 1 to 65536" % text)
+    return pages
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
+
+
+def _error(message):
+    sys.stderr.write("%s: %s\n" % (PROG, message))
+    sys.stderr.flush()
+
+
+def _quiet_stdout():
+    # After a broken pipe, point fd 1 at /dev/null so that the interpreter's
+    # final flush cannot raise again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        _error("%s (see --help)" % exc)
+        return 2
+    if args.ebpf:
+        try:
+            sys.stdout.write(ebpf_listing(args))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+        return 0
+
+    if hasattr(sys.stdout, "reconfigure"):
+        # Names are escaped already; this only keeps a non-UTF-8 locale from
+        # failing on a printable non-ASCII character.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    tracer = None
+    try:
+        check_privileges()
+        check_tracepoint()
+        check_kernel_headers()
+        tracer = Tracer(args, sys.stdout)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, tracer.request_stop)
+        # A shell starts background jobs with SIGINT ignored; keep it so.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, tracer.request_stop)
+        tracer.load()
+        tracer.run()
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except Fatal as exc:
+        _error(str(exc))
+        return 1
+    finally:
+        if tracer is not None:
+            tracer.close()
+    if tracer.lost:
+        _error("lost %d events (perf buffer full)" % tracer.lost)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
