@@ -1,0 +1,120 @@
+"""The documentation cannot drift from the code: options, fields, the USAGE
+block of the examples file, and the commands README promises."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import tcpstates
+from helpers import ROOT, TOOL
+
+MAN = os.path.join(ROOT, "tcpstates.8")
+EXAMPLES = os.path.join(ROOT, "tcpstates_example.txt")
+README = os.path.join(ROOT, "README.md")
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def public_options():
+    """Every option string the parser shows in --help."""
+    parser = tcpstates.build_parser()
+    opts = set()
+    for action in parser._actions:
+        if action.help == "==SUPPRESS==":
+            continue
+        opts.update(action.option_strings)
+    return opts
+
+
+def man_section(name):
+    text = read(MAN)
+    m = re.search(r"^\.SH %s\n(.*?)(?=^\.SH )" % re.escape(name), text, re.S | re.M)
+    assert m, "man page has no %s section" % name
+    return m.group(1)
+
+
+def test_man_options_match_the_parser():
+    section = man_section("OPTIONS").replace("\\-", "-")
+    documented = set(re.findall(r"^(-[-\w]+)(?: [A-Z]+)?(?:,\s*(--[\w-]+))?", section, re.M))
+    flat = {o for pair in documented for o in pair if o}
+    assert flat == public_options()
+
+
+def test_man_synopsis_matches_usage():
+    usage = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True,
+                           text=True).stdout.splitlines()[0]
+    synopsis = man_section("SYNOPSIS").replace("\\-", "-").splitlines()
+    assert " ".join(synopsis[1:]).strip() == usage.split("usage: tcpstates ", 1)[1]
+
+
+@pytest.mark.parametrize("argv", [[], ["-w"], ["-T", "-t"], ["-s"]])
+def test_man_fields_cover_every_column(argv):
+    fields = man_section("FIELDS").replace("\\-", "-")
+    documented = re.findall(r"^\.TP\n(\S+)", fields, re.M)
+    header = [f for f in tcpstates.Formatter(tcpstates.parse_args(argv)).header_fields()
+              if f != "->"]
+    for column in header:
+        assert column in documented, column
+
+
+def test_man_sections_in_bcc_order():
+    sections = re.findall(r"^\.SH (.+)$", read(MAN), re.M)
+    assert sections == ["NAME", "SYNOPSIS", "DESCRIPTION", "REQUIREMENTS", "OPTIONS",
+                        "EXAMPLES", "FIELDS", "OVERHEAD", "SOURCE", "OS", "STABILITY",
+                        "AUTHOR", "SEE ALSO"]
+
+
+def test_man_escapes_every_minus():
+    for n, line in enumerate(read(MAN).splitlines(), 1):
+        body = line[3:] if line.startswith((".TH", ".SH", ".TP", ".PP", ".B ")) else line
+        assert not re.search(r"(?<!\\)-", body), "line %d: unescaped '-': %s" % (n, line)
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff not installed")
+def test_man_page_is_clean_under_groff():
+    proc = subprocess.run(["groff", "-man", "-ww", "-z", MAN], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+def test_examples_file_ends_with_the_real_help():
+    help_text = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True,
+                               text=True).stdout
+    text = read(EXAMPLES)
+    assert text.endswith("# ./tcpstates.py -h\n" + help_text)
+
+
+def test_examples_show_every_public_option():
+    text = read(EXAMPLES)
+    runs = " ".join(re.findall(r"^# \./tcpstates\.py(.*)$", text, re.M))
+    shown = set(re.findall(r"(?<!\w)(-[A-Za-z0-9])", runs))
+    short = {o for o in public_options() if re.fullmatch(r"-\w", o)}
+    # -D, -4 and -6 are explained in prose after the -L run.
+    for opt in short - shown:
+        assert opt in text, opt
+
+
+def test_readme_commands_and_ci_agree():
+    readme = read(README)
+    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    commands = [b.split("#")[0].strip() for b in blocks[:2]]
+    assert commands[0] == "bash setup.sh run"
+    assert commands[1] == "bash setup.sh test"
+    ci = read(os.path.join(ROOT, ".ci", "run"))
+    ci_commands = [l.strip() for l in ci.splitlines()
+                   if l.strip() and not l.lstrip().startswith(("#", "set ", "cd ", "export "))]
+    assert ci_commands == [commands[1]]
+    assert "TCPSTATES_REQUIRE_LIVE=1" in ci
+
+
+def test_readme_usage_matches_help():
+    usage = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True,
+                           text=True).stdout.splitlines()[0].replace("usage: ", "")
+    assert usage in read(README)
+    for opt in public_options() - {"-h", "--help"}:
+        assert "`%s" % opt in read(README), opt
