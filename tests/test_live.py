@@ -331,3 +331,25 @@ def test_main_in_process_sees_a_connection(capsys):
     client, accepted, listener = classify(rows, sessions[0])
     assert transitions(client) == CLIENT_SEQUENCE
     assert transitions(accepted) == ACCEPTED_SEQUENCE
+
+
+def test_readme_run_command_traces():
+    """README's command 1 (`bash setup.sh run`) starts the tracer, which
+    prints the header and rows for traffic made here."""
+    proc = subprocess.Popen(["bash", os.path.join(helpers.ROOT, "setup.sh"), "run", "-s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=helpers.default_sigint)
+    try:
+        header = proc.stdout.readline().decode()
+        assert header.startswith("SKADDR,C-PID,C-COMM"), proc.stderr.read()
+        session = tcp_session()
+        lines = [header]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lines.append(proc.stdout.readline().decode())
+            if len(rows_for_port(parse_csv(lines), session.port)) >= EVENTS_PER_SESSION:
+                break
+        assert len(rows_for_port(parse_csv(lines), session.port)) == EVENTS_PER_SESSION
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
