@@ -78,6 +78,15 @@ TIME_COLUMN = ("TIME", "%-8s")
 TIMESTAMP_COLUMN = ("TIME(s)", "%-9s")
 CSV_COLUMNS = ("SKADDR", "C-PID", "C-COMM", "IP", "LADDR", "LPORT", "RADDR",
                "RPORT", "OLDSTATE", "NEWSTATE", "MS")
+# -x/--extended appends the socket's owner. In the table, MS then gets a
+# width so that the owner columns line up.
+EXTENDED_COLUMNS = (
+    ("O-PID", "%-7s"),
+    ("O-COMM", "%-16.16s"),
+    ("CGROUP", "%s"),
+)
+EXTENDED_MS = "%-10s"
+UNKNOWN = "-"
 
 # ---------------------------------------------------------------------------
 # The BPF program. It is static text: options reach it as -D defines (cflags)
@@ -93,18 +102,27 @@ BPF_PROGRAM = r"""
  * compile time and tie the program to one kernel's struct layouts, which it
  * never reads.
  */
-#define AF_INET      2
-#define AF_INET6     10
-#define IPPROTO_TCP  6
-#define TCP_LISTEN   10
-#define TCP_SYN_RECV 3
-#define TCP_CLOSE    7
+#define AF_INET          2
+#define AF_INET6         10
+#define IPPROTO_TCP      6
+#define TCP_ESTABLISHED  1
+#define TCP_SYN_SENT     2
+#define TCP_SYN_RECV     3
+#define TCP_FIN_WAIT1    4
+#define TCP_CLOSE        7
+#define TCP_CLOSE_WAIT   8
+#define TCP_LAST_ACK     9
+#define TCP_LISTEN       10
 
 #ifndef MAX_SOCKETS
 #define MAX_SOCKETS 131072
 #endif
+#define MAX_LISTEN_PORTS 16384
 
-#define SPAN_KNOWN 1
+/* event.flags */
+#define SPAN_KNOWN       1
+#define OWNER_KNOWN      2
+#define OWNER_INHERITED  4   /* an accepted socket, owner taken from its listener */
 
 /* One layout for IPv4 and IPv6 (IPv4 uses the first 4 bytes of each
  * address). Every byte is named, so no padding reaches user space unset. */
@@ -112,22 +130,45 @@ struct event {
     u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     u64 skaddr;
     u64 span_us;        /* time in the previous state, 0 if unknown */
-    u32 pid;            /* on-CPU task (tgid); see the C-PID caveat */
+    u32 pid;            /* on-CPU task (tgid): see the C-PID caveat */
+    u32 opid;           /* the socket's owner (tgid), 0 if unknown */
     u16 lport;
     u16 rport;
-    u8 laddr[16];
-    u8 raddr[16];
     u16 family;
     u16 oldstate;
     u16 newstate;
-    u16 flags;          /* SPAN_KNOWN */
+    u16 flags;
+    u8 laddr[16];
+    u8 raddr[16];
     char comm[16];
+    char ocomm[16];
+    u32 pad;
 };
 
-/* When each socket entered its current state. LRU: on a host with more live
- * sockets than MAX_SOCKETS the least recently changed ones are evicted, and
- * their next span is reported as unknown (0) rather than lost or wrong. */
-BPF_TABLE("lru_hash", u64, u64, state_since, MAX_SOCKETS);
+/* What is known of a live socket: since when it is in its state, and who
+ * owns it. LRU: on a host with more live sockets than MAX_SOCKETS the least
+ * recently changed are evicted, and their next span and owner are reported
+ * as unknown, never as wrong. */
+struct sock_info {
+    u64 since;
+    u32 opid;
+    u32 oflags;
+    char ocomm[16];
+};
+BPF_TABLE("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS);
+
+/* Owners of listening sockets, by (family << 16 | port): an accepted socket's
+ * first event (LISTEN -> SYN_RECV) names only its own address, and the
+ * tracepoint gives no link to its listener. count is the number of listeners
+ * on the key; when listeners of different processes share a key (SO_REUSEPORT,
+ * or the same port in two network namespaces) opid is 0: unknown, not a
+ * guess. User space seeds it with the listeners that predate the tracer. */
+struct listener {
+    u32 opid;
+    u32 count;
+    char ocomm[16];
+};
+BPF_TABLE("lru_hash", u32, struct listener, listeners, MAX_LISTEN_PORTS);
 
 /* Port sets for -L and -D, as bitmaps: bit (port & 63) of word (port >> 6).
  * Filled from Python before the program is attached. */
@@ -136,45 +177,128 @@ BPF_ARRAY(remote_ports, u64, 1024);
 
 BPF_PERF_OUTPUT(events);
 
+/*
+ * Transitions that only the socket's own process makes, inside one of its
+ * system calls (from the kernel's net/ipv4 code):
+ *   CLOSE -> SYN_SENT        tcp_v4_connect / tcp_v6_connect: connect(), or
+ *                            sendmsg() with MSG_FASTOPEN
+ *   CLOSE -> LISTEN          inet_csk_listen_start: listen()
+ *   ESTABLISHED -> FIN_WAIT1 tcp_close_state, called only by tcp_close and
+ *   SYN_RECV -> FIN_WAIT1    tcp_shutdown: close() of the last descriptor,
+ *   CLOSE_WAIT -> LAST_ACK   or shutdown()
+ *   LISTEN -> CLOSE          tcp_close / tcp_disconnect of a listener (no
+ *                            packet changes a listener's state)
+ * Every other transition can run in softirq context on behalf of an arriving
+ * packet or a timer, where the on-CPU task is unrelated to the socket.
+ * Known exceptions, documented: `ss -K` (sock_destroy) closes another
+ * process's socket, and MPTCP closes its subflows from a kernel worker.
+ */
+static inline int by_own_syscall(int oldstate, int newstate)
+{
+    switch (newstate) {
+    case TCP_SYN_SENT:
+    case TCP_LISTEN:
+        return oldstate == TCP_CLOSE;
+    case TCP_FIN_WAIT1:
+        return oldstate == TCP_ESTABLISHED || oldstate == TCP_SYN_RECV;
+    case TCP_LAST_ACK:
+        return oldstate == TCP_CLOSE_WAIT;
+    case TCP_CLOSE:
+        return oldstate == TCP_LISTEN;
+    }
+    return 0;
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     /* The tracepoint also fires for SCTP (132) and MPTCP (262). */
     if (args->protocol != IPPROTO_TCP)
         return 0;
+    u16 family = args->family;
 #ifdef FILTER_FAMILY
-    if (args->family != FILTER_FAMILY)
+    if (family != FILTER_FAMILY)
         return 0;
 #endif
 
+    struct event ev = {};
     u64 sk = (u64)args->skaddr;
     int oldstate = args->oldstate;
     int newstate = args->newstate;
     u64 now = bpf_ktime_get_ns();
-    u64 span_us = 0;
-    u16 flags = 0;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    u16 lport = args->sport;
+    u32 lkey = ((u32)family << 16) | lport;
 
     /* A socket leaving CLOSE, or a child socket making its first move
      * (LISTEN -> SYN_RECV: it was cloned from the listener a moment ago),
-     * starts a new life: any entry under this address belongs to an earlier
-     * socket that the kernel freed at the same address, so it is ignored. */
+     * starts a new life: an entry under this address belongs to an earlier
+     * socket that the kernel freed at the same address, and is replaced. */
     int fresh = oldstate == TCP_CLOSE ||
                 (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
-    if (!fresh) {
-        u64 *since = state_since.lookup(&sk);
-        if (since && now >= *since) {
-            span_us = (now - *since) / 1000;
-            flags = SPAN_KNOWN;
+    struct sock_info blank = {};
+    struct sock_info *info = 0;
+    int stored = 0;
+    if (!fresh)
+        info = sockets.lookup(&sk);
+    if (info) {
+        stored = 1;
+        if (now >= info->since) {
+            ev.span_us = (now - info->since) / 1000;
+            ev.flags = SPAN_KNOWN;
+        }
+    } else {
+        info = &blank;
+        if (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV) {
+            struct listener *l = listeners.lookup(&lkey);
+            if (l && l->opid) {
+                info->opid = l->opid;
+                info->oflags = OWNER_KNOWN | OWNER_INHERITED;
+                __builtin_memcpy(info->ocomm, l->ocomm, sizeof(info->ocomm));
+            }
         }
     }
-    /* Spans are tracked for every TCP socket, also those the port filters
-     * hide: a socket's first events can carry port 0 (a client's local port
-     * is chosen during connect), and its later spans must still be right. */
-    if (newstate == TCP_CLOSE)
-        state_since.delete(&sk);
-    else
-        state_since.update(&sk, &now);
+    /* pid 0 is the idle task: never an owner. */
+    if (pid && by_own_syscall(oldstate, newstate)) {
+        info->opid = pid;
+        info->oflags = OWNER_KNOWN;
+        bpf_get_current_comm(&info->ocomm, sizeof(info->ocomm));
+    }
+    ev.opid = info->opid;
+    ev.flags |= info->oflags;
+    __builtin_memcpy(ev.ocomm, info->ocomm, sizeof(ev.ocomm));
 
-    u16 lport = args->sport;
+    /* Bookkeeping for every TCP socket, also those the filters below hide:
+     * a socket's first events can carry port 0 (a client's local port is
+     * chosen during connect), and its later spans and owner must be right. */
+    if (newstate == TCP_CLOSE) {
+        if (stored)
+            sockets.delete(&sk);
+    } else {
+        info->since = now;
+        if (!stored)
+            sockets.update(&sk, info);
+    }
+    if (newstate == TCP_LISTEN) {
+        struct listener *l = listeners.lookup(&lkey);
+        if (l) {
+            l->count++;
+            if (l->opid != ev.opid)
+                l->opid = 0;
+        } else {
+            struct listener fresh_l = {.opid = ev.opid, .count = 1};
+            __builtin_memcpy(fresh_l.ocomm, ev.ocomm, sizeof(fresh_l.ocomm));
+            listeners.update(&lkey, &fresh_l);
+        }
+    } else if (oldstate == TCP_LISTEN && newstate == TCP_CLOSE) {
+        struct listener *l = listeners.lookup(&lkey);
+        if (l) {
+            if (l->count <= 1)
+                listeners.delete(&lkey);
+            else
+                l->count--;
+        }
+    }
+
     u16 rport = args->dport;
 #ifdef FILTER_LPORT
     {
@@ -192,19 +316,20 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             return 0;
     }
 #endif
+#ifdef FILTER_PID
+    if (ev.opid != FILTER_PID)
+        return 0;
+#endif
 
-    struct event ev = {};
     ev.ts_ns = now;
     ev.skaddr = sk;
-    ev.span_us = span_us;
-    ev.pid = bpf_get_current_pid_tgid() >> 32;
+    ev.pid = pid;
     ev.lport = lport;
     ev.rport = rport;
-    ev.family = args->family;
+    ev.family = family;
     ev.oldstate = oldstate;
     ev.newstate = newstate;
-    ev.flags = flags;
-    if (args->family == AF_INET) {
+    if (family == AF_INET) {
         __builtin_memcpy(ev.laddr, args->saddr, 4);
         __builtin_memcpy(ev.raddr, args->daddr, 4);
     } else {
@@ -218,12 +343,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 """
 
 # struct event, as laid out above (little-endian, no implicit padding).
-EVENT_STRUCT = struct.Struct("<QQQIHH16s16sHHHH16s")
+EVENT_STRUCT = struct.Struct("<QQQIIHHHHHH16s16s16s16s4x")
 SPAN_KNOWN = 1
+OWNER_KNOWN = 2
+OWNER_INHERITED = 4
 
 Event = collections.namedtuple("Event", (
-    "ts_ns", "skaddr", "span_us", "pid", "lport", "rport", "laddr", "raddr",
-    "family", "oldstate", "newstate", "flags", "comm"))
+    "ts_ns", "skaddr", "span_us", "pid", "opid", "lport", "rport", "family",
+    "oldstate", "newstate", "flags", "laddr", "raddr", "comm", "ocomm"))
 
 TRACEPOINT = "sock:inet_sock_set_state"
 TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
@@ -282,6 +409,8 @@ def bpf_cflags(args):
         flags.append("-DFILTER_LPORT=1")
     if args.remoteport:
         flags.append("-DFILTER_RPORT=1")
+    if args.pid:
+        flags.append("-DFILTER_PID=%d" % args.pid)
     return flags
 
 
@@ -293,6 +422,23 @@ def ebpf_listing(args):
     if args.remoteport:
         lines.append("// remote_ports map: %s" % ",".join(map(str, args.remoteport)))
     return "\n".join(lines) + "\n" + BPF_PROGRAM
+
+
+def existing_listeners(proc="/proc"):
+    """{(family, port): count} of the listening TCP sockets in this network
+    namespace, from /proc/net/tcp and /proc/net/tcp6."""
+    found = collections.Counter()
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            with open("%s/net/%s" % (proc, name)) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 3 and parts[3] == "0A":      # TCP_LISTEN
+                        found[(family, int(parts[1].rsplit(":", 1)[1], 16))] += 1
+        except (OSError, ValueError, IndexError):
+            continue
+    return dict(found)
 
 
 def decode_event(raw):
@@ -379,6 +525,56 @@ class Clock:
         return (ts_ns - self.first_ns) / 1e9
 
 
+class CgroupCache:
+    """The cgroup of a process, read from /proc/PID/cgroup and kept a few
+    seconds per PID (a PID can be reused, a process can move). A process
+    that has exited gives ""."""
+
+    TTL_NS = 5_000_000_000
+    LIMIT = 4096
+
+    def __init__(self, proc="/proc"):
+        self.proc = proc
+        self._cache = {}
+
+    def get(self, pid):
+        now = time.monotonic_ns()
+        hit = self._cache.get(pid)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if len(self._cache) >= self.LIMIT:
+            self._cache.clear()
+        value = safe_text(self.read(pid))
+        self._cache[pid] = (now + self.TTL_NS, value)
+        return value
+
+    def read(self, pid):
+        try:
+            with open("%s/%d/cgroup" % (self.proc, pid), "rb") as f:
+                lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+        except (OSError, ValueError):
+            return ""
+        return cgroup_path(lines)
+
+
+def cgroup_path(lines):
+    """The cgroup path from the lines of /proc/PID/cgroup: the unified (v2)
+    hierarchy's, else systemd's named v1 hierarchy, else the first other v1
+    hierarchy that says more than "/" (on hybrid systems the unified path
+    is often just "/" while a v1 controller holds the container's path)."""
+    paths = {}
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths.setdefault(parts[1], parts[2])
+    ordered = [paths[k] for k in ("", "name=systemd") if k in paths]
+    ordered += [v for k, v in paths.items() if k not in ("", "name=systemd")]
+    for path in ordered:
+        if path != "/":
+            return path
+    return ordered[0] if ordered else ""
+
+
 class Formatter:
     """Turns Events into output text for the chosen mode (table, wide, CSV)."""
 
@@ -387,6 +583,8 @@ class Formatter:
         self.clock = clock or Clock()
         self.csv = args.csv
         self.wide = args.wide
+        self.extended = args.extended
+        self.cgroups = CgroupCache()
         if self.csv:
             self._rows = []
             self._writer = csv.writer(_ListWriter(self._rows),
@@ -397,10 +595,14 @@ class Formatter:
                 convs.append(TIME_COLUMN[1])
             if args.timestamp:
                 convs.append(TIMESTAMP_COLUMN[1])
-            for _title, narrow, wide in TABLE_COLUMNS:
+            for title, narrow, wide in TABLE_COLUMNS:
                 conv = wide if self.wide else narrow
+                if title == "MS" and self.extended:
+                    conv = EXTENDED_MS
                 if conv is not None:
                     convs.append(conv)
+            if self.extended:
+                convs.extend(conv for _title, conv in EXTENDED_COLUMNS)
             self._fmt = " ".join(convs) + "\n"
 
     def header_fields(self):
@@ -415,6 +617,8 @@ class Formatter:
             for title, narrow, wide in TABLE_COLUMNS:
                 if (wide if self.wide else narrow) is not None:
                     fields.append(title)
+        if self.extended:
+            fields.extend(title for title, _conv in EXTENDED_COLUMNS)
         return fields
 
     def header(self):
@@ -443,6 +647,13 @@ class Formatter:
             fields.append("->")
         fields.append(state_name(ev.newstate))
         fields.append("%.3f" % (ev.span_us / 1000))
+        if self.extended:
+            if ev.flags & OWNER_KNOWN:
+                fields.append(str(ev.opid))
+                fields.append(comm_text(ev.ocomm))
+                fields.append(self.cgroups.get(ev.opid))
+            else:
+                fields.extend((UNKNOWN, UNKNOWN, UNKNOWN))
         return fields
 
     def row(self, ev):
@@ -603,6 +814,7 @@ class Tracer:
                         "kernel headers match (see setup.sh)"
                         % (": " + detail if detail else ""))
         try:
+            self._seed_listeners()
             self._fill_port_map("local_ports", self.args.localport)
             self._fill_port_map("remote_ports", self.args.remoteport)
             fn = self.bpf.load_func(b"tracepoint__sock__inet_sock_set_state",
@@ -623,6 +835,17 @@ class Tracer:
         for index, word in enumerate(port_bitmap(ports)):
             if word:
                 table[table.Key(index)] = table.Leaf(word)
+
+    def _seed_listeners(self):
+        # Listeners that predate the tracer have unknown owners: say so in
+        # the map, so that a new listener on the same port (another network
+        # namespace, or SO_REUSEPORT) makes the port ambiguous, not wrong.
+        table = self.bpf[b"listeners"]
+        for (family, port), count in existing_listeners().items():
+            leaf = table.Leaf()
+            leaf.opid = 0
+            leaf.count = count
+            table[table.Key((family << 16) | port)] = leaf
 
     def close(self):
         if self.bpf is not None:
@@ -709,6 +932,8 @@ EXAMPLES = """examples:
     tcpstates -D 5432       # only remote port 5432
     tcpstates -4            # IPv4 only
     tcpstates -6            # IPv6 only
+    tcpstates -x            # add each socket's owner (PID, name, cgroup)
+    tcpstates -p 181        # only sockets owned by PID 181
 """
 
 
@@ -735,6 +960,10 @@ def build_parser():
                         help="only these local ports (comma-separated)")
     parser.add_argument("-D", "--remoteport", type=port_list, metavar="PORTS",
                         help="only these remote ports (comma-separated)")
+    parser.add_argument("-x", "--extended", action="store_true",
+                        help="add the socket's owner: O-PID, O-COMM, CGROUP")
+    parser.add_argument("-p", "--pid", type=pid_arg, metavar="PID",
+                        help="only sockets owned by this process")
     family = parser.add_mutually_exclusive_group()
     family.add_argument("-4", "--ipv4", action="store_true",
                         help="trace IPv4 only")
@@ -744,6 +973,14 @@ def build_parser():
     parser.add_argument("--perf-pages", type=_perf_pages,
                         default=DEFAULT_PERF_PAGES, help=argparse.SUPPRESS)
     return parser
+
+
+def pid_arg(text):
+    """A process ID for -p: a number from 1 to 4194304 (the kernel's limit)."""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 4194304:
+        raise argparse.ArgumentTypeError(
+            "invalid PID %r: a process ID is a number from 1 to 4194304" % text)
+    return int(text)
 
 
 def _perf_pages(text):

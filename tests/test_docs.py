@@ -46,11 +46,16 @@ def test_man_options_match_the_parser():
     assert flat == public_options()
 
 
+def usage_text():
+    """The usage lines of --help, joined into one."""
+    out = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True,
+                         text=True).stdout
+    return " ".join(out.split("\n\n", 1)[0].split()).replace("usage: ", "")
+
+
 def test_man_synopsis_matches_usage():
-    usage = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True,
-                           text=True).stdout.splitlines()[0]
     synopsis = man_section("SYNOPSIS").replace("\\-", "-").splitlines()
-    assert " ".join(synopsis[1:]).strip() == usage.split("usage: tcpstates ", 1)[1]
+    assert "tcpstates " + " ".join(synopsis[1:]).strip() == usage_text()
 
 
 @pytest.mark.parametrize("argv", [[], ["-w"], ["-T", "-t"], ["-s"]])
@@ -113,8 +118,6 @@ def test_readme_commands_and_ci_agree():
 
 
 def test_readme_usage_matches_help():
-    usage = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True,
-                           text=True).stdout.splitlines()[0].replace("usage: ", "")
-    assert usage in read(README)
+    assert usage_text() in read(README)
     for opt in public_options() - {"-h", "--help"}:
         assert "`%s" % opt in read(README), opt

@@ -1,5 +1,6 @@
 """Unit tests: parsing, decoding, formatting. No root, no BCC needed."""
 import argparse
+import re
 import csv
 import io
 import socket
@@ -15,11 +16,12 @@ from helpers import TOOL
 
 def make_event(**kw):
     fields = dict(ts_ns=5_000_000_000, skaddr=0xffff888102ed1280, span_us=300206,
-                  pid=4242, lport=41365, rport=46400,
+                  pid=4242, opid=4242, lport=41365, rport=46400,
                   laddr=socket.inet_pton(socket.AF_INET, "127.0.0.1") + b"\0" * 12,
                   raddr=socket.inet_pton(socket.AF_INET, "10.1.2.3") + b"\0" * 12,
-                  family=socket.AF_INET, oldstate=1, newstate=4, flags=1,
-                  comm=b"curl".ljust(16, b"\0"))
+                  family=socket.AF_INET, oldstate=1, newstate=4,
+                  flags=tcpstates.SPAN_KNOWN | tcpstates.OWNER_KNOWN,
+                  comm=b"curl".ljust(16, b"\0"), ocomm=b"curl".ljust(16, b"\0"))
     fields.update(kw)
     return tcpstates.Event(**fields)
 
@@ -71,14 +73,18 @@ def test_state_names_cover_every_kernel_state():
 
 # -- decoding ----------------------------------------------------------------
 def test_event_struct_matches_the_c_layout():
-    # u64 x3, u32, u16 x2, u8[16] x2, u16 x4, char[16]
-    assert tcpstates.EVENT_STRUCT.size == 88
-    raw = struct.pack("<QQQIHH16s16sHHHH16s", 1, 2, 3, 4, 5, 6, b"a" * 16,
-                      b"b" * 16, 10, 7, 2, 1, b"comm")
+    # u64 x3, u32 x2, u16 x6, u8[16] x2, char[16] x2, u32 pad
+    assert tcpstates.EVENT_STRUCT.size == 112
+    c_fields = re.search(r"struct event \{(.*?)\};", tcpstates.BPF_PROGRAM, re.S).group(1)
+    names = re.findall(r"^\s*\w+ (\w+)(?:\[\d+\])?;", c_fields, re.M)
+    assert names == list(tcpstates.Event._fields) + ["pad"]
+    raw = struct.pack("<QQQIIHHHHHH16s16s16s16sI", 1, 2, 3, 4, 11, 5, 6, 10, 7, 2, 1,
+                      b"a" * 16, b"b" * 16, b"comm", b"owner", 0)
     ev = tcpstates.decode_event(raw)
-    assert (ev.ts_ns, ev.skaddr, ev.span_us, ev.pid, ev.lport, ev.rport) == (1, 2, 3, 4, 5, 6)
+    assert (ev.ts_ns, ev.skaddr, ev.span_us, ev.pid, ev.opid, ev.lport, ev.rport) == (
+        1, 2, 3, 4, 11, 5, 6)
     assert (ev.family, ev.oldstate, ev.newstate, ev.flags) == (10, 7, 2, 1)
-    assert ev.comm.rstrip(b"\0") == b"comm"
+    assert ev.comm.rstrip(b"\0") == b"comm" and ev.ocomm.rstrip(b"\0") == b"owner"
 
 
 # -- formatting --------------------------------------------------------------
@@ -255,3 +261,69 @@ def test_missing_privileges_message(monkeypatch):
     monkeypatch.setattr(tcpstates, "effective_caps", lambda: 0)
     with pytest.raises(tcpstates.Fatal, match="CAP_BPF and CAP_PERFMON"):
         tcpstates.check_privileges()
+
+
+# -- owner -------------------------------------------------------------------
+def test_extended_columns_follow_ms():
+    f = tcpstates.Formatter(args_for("-x"))
+    f.cgroups.get = lambda pid: "/system.slice/nginx.service"
+    assert f.header().split()[-4:] == ["MS", "O-PID", "O-COMM", "CGROUP"]
+    fields = f.row(make_event(opid=777, ocomm=b"nginx".ljust(16, b"\0"))).split()
+    assert fields[-4:] == ["300.206", "777", "nginx", "/system.slice/nginx.service"]
+
+
+def test_unknown_owner_prints_a_dash():
+    f = tcpstates.Formatter(args_for("-s", "-x"))
+    row = next(csv.reader([f.row(make_event(opid=0, flags=tcpstates.SPAN_KNOWN,
+                                            ocomm=b"\0" * 16))]))
+    assert row[-3:] == ["-", "-", "-"]
+
+
+def test_extended_csv_header():
+    f = tcpstates.Formatter(args_for("-s", "-x"))
+    assert f.header().rstrip("\n").split(",")[-4:] == ["MS", "O-PID", "O-COMM", "CGROUP"]
+
+
+@pytest.mark.parametrize("text, path", [
+    ("0::/system.slice/ssh.service\n", "/system.slice/ssh.service"),
+    ("12:pids:/\n1:name=systemd:/user.slice/session-1.scope\n0::/\n", "/user.slice/session-1.scope"),
+    ("4:memory:/docker/abc\n1:cpu:/\n0::/\n", "/docker/abc"),
+    ("0::/\n", "/"),
+    ("", ""),
+])
+def test_cgroup_path(text, path):
+    assert tcpstates.cgroup_path(text.splitlines()) == path
+
+
+def test_cgroup_cache_handles_exited_and_hostile(tmp_path):
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "cgroup").write_bytes(b"0::/evil\x1b[2J\n")
+    cache = tcpstates.CgroupCache(proc=str(tmp_path))
+    assert cache.get(42) == "/evil\\x1b[2J"
+    assert cache.get(43) == ""            # no such process: empty, no error
+    (tmp_path / "42" / "cgroup").write_bytes(b"0::/moved\n")
+    assert cache.get(42) == "/evil\\x1b[2J"   # cached for a few seconds
+
+
+def test_existing_listeners_parse_proc_net(tmp_path):
+    (tmp_path / "net").mkdir()
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    (tmp_path / "net" / "tcp").write_text(head +
+        "   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n"
+        "   1: 0100007F:1F90 0100007F:A3C2 01 00000000:00000000 00:00000000 00000000     0        0 2\n"
+        "   2: 0100007F:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3\n")
+    (tmp_path / "net" / "tcp6").write_text(head +
+        "   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A "
+        "00000000:00000000 00:00000000 00000000     0        0 4\n")
+    assert tcpstates.existing_listeners(str(tmp_path)) == {
+        (socket.AF_INET, 22): 2, (socket.AF_INET6, 80): 1}
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "4194305", "1.5", ""])
+def test_pid_arg_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        tcpstates.pid_arg(text)
+
+
+def test_pid_filter_is_a_define():
+    assert tcpstates.bpf_cflags(args_for("-p", "181")) == ["-DFILTER_PID=181"]

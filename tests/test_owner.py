@@ -1,0 +1,259 @@
+"""Live tests of socket ownership: two real processes with known PIDs and
+names, a server and a client, and the owner that tcpstates reports for
+every event of their sockets."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import helpers
+from helpers import (ACCEPTED_SEQUENCE, CLIENT_SEQUENCE, LISTENER_SEQUENCE,
+                     TracerRun, parse_csv, rows_for_port, transitions)
+
+pytestmark = pytest.mark.usefixtures("live")
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py")
+
+
+class Peer:
+    """peer.py in its own process. gated=True holds it, PID known, before
+    it runs anything until release(): a tracer can be started on its PID."""
+
+    def __init__(self, role, family, port, name, *extra, gated=False):
+        self.name = name
+        argv = [sys.executable, PEER, role, "6" if family == socket.AF_INET6 else "4",
+                str(port), name] + list(extra)
+        gate_r = self._gate = None
+        if gated:
+            gate_r, self._gate = os.pipe()
+            argv = [sys.executable, "-c", "import os, sys; os.read(%d, 1); "
+                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])" % gate_r] + argv[1:]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1, pass_fds=(gate_r,) if gated else ())
+        if gated:
+            os.close(gate_r)
+        self.pid = self.proc.pid
+
+    def release(self):
+        os.write(self._gate, b"go")
+        os.close(self._gate)
+
+    def read(self):
+        line = self.proc.stdout.readline().strip()
+        assert line, "peer %s ended early" % self.name
+        return line
+
+    def send(self, word):
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self):
+        try:
+            self.send("exit")
+        except BrokenPipeError:
+            pass
+        assert self.proc.wait(10) == 0
+
+
+def close_all(server, client, first="client"):
+    """Close the connection in the given order, then the listener."""
+    for peer in ([client, server] if first == "client" else [server, client]):
+        peer.send("close")
+        assert peer.read() == "closed"
+        time.sleep(0.05)
+    server.send("closelisten")
+    assert server.read() == "closed"
+
+
+def start_pair(family, port, fork=False):
+    server = Peer("server", family, port, "tsserver", *(["fork"] if fork else []))
+    assert server.read() == "ready %d" % server.pid
+    client = Peer("client", family, port, "tsclient")
+    client_port = int(client.read().split()[1])
+    return server, client, client_port
+
+
+def sockets(rows, port, client_port):
+    client = [r for r in rows if r["RPORT"] == str(port)]
+    accepted = [r for r in rows if r["LPORT"] == str(port) and r["RPORT"] == str(client_port)]
+    listener = [r for r in rows if r["LPORT"] == str(port) and r["RPORT"] == "0"]
+    return client, accepted, listener
+
+
+def owner(rows):
+    return {(r["O-PID"], r["O-COMM"]) for r in rows}
+
+
+def wait_rows(tracer, port, count):
+    ok = tracer.wait_until(lambda ls: len(rows_for_port(parse_csv(ls), port)) >= count, 10)
+    rows = rows_for_port(parse_csv(tracer.snapshot()), port)
+    assert ok, "wanted %d rows, got:\n%s" % (count, "\n".join(tracer.snapshot()[-20:]))
+    return rows
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+@pytest.mark.parametrize("first", ["client", "server"])
+def test_every_event_carries_its_owner(family, first):
+    port = helpers.free_port(family)
+    with TracerRun("-s", "-x") as tracer:
+        assert tracer.header.endswith(",MS,O-PID,O-COMM,CGROUP")
+        server, client, client_port = start_pair(family, port)
+        close_all(server, client, first)
+        rows = wait_rows(tracer, port, 12)   # while both owners are alive
+        server.finish()
+        client.finish()
+        assert tracer.stop() == 0
+    client_rows, accepted, listener = sockets(rows, port, client_port)
+    if first == "client":
+        assert transitions(client_rows) == CLIENT_SEQUENCE
+        assert transitions(accepted) == ACCEPTED_SEQUENCE
+    else:
+        assert transitions(accepted) == [
+            ("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),
+            ("FIN_WAIT1", "FIN_WAIT2"), ("FIN_WAIT2", "CLOSE")]
+        assert transitions(client_rows) == [
+            ("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "CLOSE_WAIT"),
+            ("CLOSE_WAIT", "LAST_ACK"), ("LAST_ACK", "CLOSE")]
+    assert transitions(listener) == LISTENER_SEQUENCE
+    assert owner(client_rows) == {(str(client.pid), "tsclient")}
+    assert owner(accepted) == {(str(server.pid), "tsserver")}
+    assert owner(listener) == {(str(server.pid), "tsserver")}
+    # The point of it: events whose on-CPU task is the other process, or
+    # the idle task, still name the right owner.
+    others = [r for r in client_rows if r["C-PID"] != str(client.pid)]
+    others += [r for r in accepted if r["C-PID"] != str(server.pid)]
+    assert others, "expected events run in another task's context"
+    assert any(r["C-PID"] in (str(client.pid), str(server.pid)) for r in others)
+    # cgroup of a live owner: the test's own cgroup (processes share it).
+    import tcpstates
+    with open("/proc/self/cgroup") as f:
+        mine = tcpstates.cgroup_path(f.read().splitlines())
+    assert mine and {r["CGROUP"] for r in client_rows} == {mine}
+
+
+def test_socket_from_before_the_tracer_has_unknown_owner_until_closed():
+    port = helpers.free_port()
+    server, client, client_port = start_pair(socket.AF_INET, port)
+    try:
+        with TracerRun("-s", "-x") as tracer:
+            close_all(server, client, first="server")
+            rows = wait_rows(tracer, port, 7)
+            time.sleep(0.3)
+            assert tracer.stop() == 0
+    finally:
+        server.finish()
+        client.finish()
+    rows = rows_for_port(parse_csv(tracer.snapshot()), port)
+    client_rows, accepted, listener = sockets(rows, port, client_port)
+    # The server's close is its own system call: owner known from there on.
+    assert transitions(accepted) == [("ESTABLISHED", "FIN_WAIT1"), ("FIN_WAIT1", "FIN_WAIT2"),
+                                     ("FIN_WAIT2", "CLOSE")]
+    assert owner(accepted) == {(str(server.pid), "tsserver")}
+    # The client learns of the FIN in the server's context: unknown owner,
+    # never the server; then its own close names it.
+    assert [(r["OLDSTATE"], r["NEWSTATE"], r["O-PID"], r["O-COMM"]) for r in client_rows] == [
+        ("ESTABLISHED", "CLOSE_WAIT", "-", "-"),
+        ("CLOSE_WAIT", "LAST_ACK", str(client.pid), "tsclient"),
+        ("LAST_ACK", "CLOSE", str(client.pid), "tsclient")]
+    assert client_rows[0]["CGROUP"] == "-"
+    # Spans of sockets older than the tracer are unknown, not guessed.
+    assert float(client_rows[0]["MS"]) == 0.0 and float(accepted[0]["MS"]) == 0.0
+    assert owner(listener) == {(str(server.pid), "tsserver")}
+
+
+def test_pid_filter_selects_by_owner():
+    port = helpers.free_port()
+    # The server's PID is only known once it runs, so start it first; its
+    # listener then predates the tracer, and its sockets are learned from
+    # its close()s and from the accepted socket's listener (learned at close
+    # time for the listener itself).
+    server = Peer("server", socket.AF_INET, port, "tsserver")
+    assert server.read().startswith("ready")
+    try:
+        with TracerRun("-s", "-x", "-p", str(server.pid)) as tracer:
+            other = helpers.tcp_session()
+            client = Peer("client", socket.AF_INET, port, "tsclient")
+            client_port = int(client.read().split()[1])
+            close_all(server, client)
+            client.finish()
+            tracer.wait_until(lambda ls: any("LISTEN,CLOSE" in l for l in ls), 10)
+            time.sleep(0.3)
+            assert tracer.stop() == 0
+    finally:
+        server.finish()
+    rows = parse_csv(tracer.snapshot())
+    assert rows, tracer.snapshot()
+    assert owner(rows) == {(str(server.pid), "tsserver")}
+    client_rows, accepted, listener = sockets(rows, port, client_port)
+    assert client_rows == []
+    assert not rows_for_port(rows, other.port)
+    # The listener predates the tracer, so the accepted socket's owner is
+    # unknown (not guessed) until the server's own close names it.
+    assert transitions(accepted) == [("CLOSE_WAIT", "LAST_ACK"), ("LAST_ACK", "CLOSE")]
+    assert transitions(listener) == [("LISTEN", "CLOSE")]
+
+
+def test_pid_filter_with_listener_seen_by_the_tracer():
+    port = helpers.free_port()
+    # The server is held before it runs, so its PID is known and its
+    # listener comes after the tracer.
+    server = Peer("server", socket.AF_INET, port, "tsserver", gated=True)
+    try:
+        with TracerRun("-s", "-x", "-p", str(server.pid)) as tracer:
+            server.release()
+            assert server.read() == "ready %d" % server.pid
+            client = Peer("client", socket.AF_INET, port, "tsclient")
+            client_port = int(client.read().split()[1])
+            close_all(server, client)
+            client.finish()
+            rows = wait_rows(tracer, port, 7)
+            time.sleep(0.3)
+            assert tracer.stop() == 0
+    finally:
+        server.finish()
+    rows = rows_for_port(parse_csv(tracer.snapshot()), port)
+    client_rows, accepted, listener = sockets(rows, port, client_port)
+    assert client_rows == []
+    assert transitions(accepted) == ACCEPTED_SEQUENCE
+    assert transitions(listener) == LISTENER_SEQUENCE
+    assert owner(rows) == {(str(server.pid), "tsserver")}
+
+
+def test_forked_child_becomes_the_owner():
+    port = helpers.free_port()
+    with TracerRun("-s", "-x") as tracer:
+        server, client, client_port = start_pair(socket.AF_INET, port, fork=True)
+        child_pid = int(server.read().split()[1])
+        close_all(server, client, first="server")   # the child reads "close"
+        server.finish()
+        client.finish()
+        rows = wait_rows(tracer, port, 12)
+        assert tracer.stop() == 0
+    _, accepted, listener = sockets(rows, port, client_port)
+    by_transition = {(r["OLDSTATE"], r["NEWSTATE"]): (r["O-PID"], r["O-COMM"]) for r in accepted}
+    parent = (str(server.pid), "tsserver")
+    child = (str(child_pid), "tsserver-child")
+    assert by_transition == {
+        ("LISTEN", "SYN_RECV"): parent,
+        ("SYN_RECV", "ESTABLISHED"): parent,
+        ("ESTABLISHED", "FIN_WAIT1"): child,
+        ("FIN_WAIT1", "FIN_WAIT2"): child,
+        ("FIN_WAIT2", "CLOSE"): child,
+    }
+    assert owner(listener) == {parent}
+
+
+def test_extended_table_columns():
+    port = helpers.free_port()
+    with TracerRun("-x") as tracer:
+        assert tracer.header.split()[-4:] == ["MS", "O-PID", "O-COMM", "CGROUP"]
+        helpers.tcp_session(port=port)
+        ok = tracer.wait_until(lambda ls: sum(str(port) in l for l in ls) >= 12, 10)
+        assert tracer.stop() == 0
+        assert ok
+    lines = [l for l in tracer.snapshot() if " %d " % port in l]
+    col = tracer.header.index("O-PID")
+    for line in lines:
+        assert line[col:].split()[:2] == [str(os.getpid()), "python3"], line
