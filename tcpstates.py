@@ -20,8 +20,10 @@ python3-bpfcc).
 
 import argparse
 import collections
+import bisect
 import csv
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -55,6 +57,44 @@ TCP_LISTEN = 10
 def state_name(number):
     """Name of a kernel TCP state number; unknown numbers print as digits."""
     return TCP_STATES.get(number) or str(number)
+
+
+# Other spellings accepted on the command line: ss(8)'s names (ESTAB,
+# SYN-SENT, FIN-WAIT-1, UNCONN, ...), and dashes for underscores.
+STATE_ALIASES = {
+    "ESTAB": 1, "SYN_RECEIVED": 3, "FIN_WAIT_1": 4, "FIN_WAIT_2": 5,
+    "CLOSED": 7, "UNCONN": 7, "SYN_RCVD": 3,
+}
+
+
+def state_number(name):
+    """The state number for a name as this tool or ss(8) prints it, any case."""
+    key = name.strip().upper().replace("-", "_")
+    for number, known in TCP_STATES.items():
+        if known == key:
+            return number
+    return STATE_ALIASES.get(key)
+
+
+def state_list(text):
+    """Parse "SYN_SENT,syn-recv" into a sorted tuple of state numbers; for
+    argparse's type=."""
+    numbers = set()
+    for item in text.split(","):
+        number = state_number(item)
+        if number is None:
+            raise argparse.ArgumentTypeError(
+                "unknown TCP state %r; valid states: %s" % (
+                    item.strip(), ", ".join(TCP_STATES[n] for n in sorted(TCP_STATES))))
+        numbers.add(number)
+    return tuple(sorted(numbers))
+
+
+def state_mask(numbers):
+    mask = 0
+    for number in numbers:
+        mask |= 1 << number
+    return mask
 
 
 # Columns as the upstream bcc tool prints them, so that scripts keep working.
@@ -320,6 +360,20 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (ev.opid != FILTER_PID)
         return 0;
 #endif
+    /* State masks: bit n selects state n (states are 1..13 today). */
+#ifdef FILTER_OLDSTATES
+    if (oldstate < 0 || oldstate > 31 || !((FILTER_OLDSTATES >> oldstate) & 1))
+        return 0;
+#endif
+#ifdef FILTER_NEWSTATES
+    if (newstate < 0 || newstate > 31 || !((FILTER_NEWSTATES >> newstate) & 1))
+        return 0;
+#endif
+#ifdef FILTER_MIN_SPAN_US
+    /* An unknown span cannot be shown to be long enough. */
+    if (!(ev.flags & SPAN_KNOWN) || ev.span_us < FILTER_MIN_SPAN_US)
+        return 0;
+#endif
 
     ev.ts_ns = now;
     ev.skaddr = sk;
@@ -411,6 +465,12 @@ def bpf_cflags(args):
         flags.append("-DFILTER_RPORT=1")
     if args.pid:
         flags.append("-DFILTER_PID=%d" % args.pid)
+    if args.from_states:
+        flags.append("-DFILTER_OLDSTATES=0x%xU" % state_mask(args.from_states))
+    if args.to_states:
+        flags.append("-DFILTER_NEWSTATES=0x%xU" % state_mask(args.to_states))
+    if args.min_span is not None:
+        flags.append("-DFILTER_MIN_SPAN_US=%dULL" % round(args.min_span * 1000))
     return flags
 
 
@@ -511,6 +571,8 @@ class Clock:
         self.first_ns = None
         self._second = None
         self._hms = ""
+        self._utc_second = None
+        self._utc = ""
 
     def hms(self, ts_ns):
         second = (ts_ns + self.wall_minus_mono) // 1_000_000_000
@@ -518,6 +580,15 @@ class Clock:
             self._second = second
             self._hms = time.strftime("%H:%M:%S", time.localtime(second))
         return self._hms
+
+    def rfc3339(self, ts_ns):
+        """The event's wall-clock time, RFC 3339 in UTC with microseconds."""
+        wall_us = (ts_ns + self.wall_minus_mono) // 1000
+        second, micro = divmod(wall_us, 1_000_000)
+        if second != self._utc_second:
+            self._utc_second = second
+            self._utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return "%s.%06dZ" % (self._utc, micro)
 
     def since_first(self, ts_ns):
         if self.first_ns is None:
@@ -582,10 +653,13 @@ class Formatter:
         self.args = args
         self.clock = clock or Clock()
         self.csv = args.csv
+        self.json = args.json
         self.wide = args.wide
         self.extended = args.extended
         self.cgroups = CgroupCache()
-        if self.csv:
+        if self.json:
+            self.row = self.json_row
+        elif self.csv:
             self._rows = []
             self._writer = csv.writer(_ListWriter(self._rows),
                                       lineterminator="\n")
@@ -622,6 +696,8 @@ class Formatter:
         return fields
 
     def header(self):
+        if self.json:
+            return ""
         fields = self.header_fields()
         if self.csv:
             return self._csv_line(fields)
@@ -662,11 +738,58 @@ class Formatter:
             return self._csv_line(fields)
         return self._fmt % tuple(fields)
 
+    def json_record(self, ev):
+        """Every field the tool knows, as a dict for one JSON line."""
+        owner = ev.flags & OWNER_KNOWN
+        return {
+            "time": self.clock.rfc3339(ev.ts_ns),
+            "elapsed": round(self.clock.since_first(ev.ts_ns), 6),
+            "skaddr": "%x" % ev.skaddr,
+            "ip": 4 if ev.family == socket.AF_INET else 6,
+            "laddr": address_text(ev.family, ev.laddr),
+            "lport": ev.lport,
+            "raddr": address_text(ev.family, ev.raddr),
+            "rport": ev.rport,
+            "oldstate": state_name(ev.oldstate),
+            "newstate": state_name(ev.newstate),
+            "span_us": ev.span_us if ev.flags & SPAN_KNOWN else None,
+            "pid": ev.pid,
+            "comm": comm_text(ev.comm),
+            "owner_pid": ev.opid if owner else None,
+            "owner_comm": comm_text(ev.ocomm) if owner else None,
+            "owner_cgroup": self.cgroups.get(ev.opid) if owner else None,
+        }
+
+    def json_row(self, ev):
+        # By hand rather than json.dumps(json_record(ev)): a fixed key order,
+        # "elapsed" always in fixed-point notation, and a fraction of the
+        # cost. Only the texts a process controls need JSON escaping.
+        owner = ev.flags & OWNER_KNOWN
+        return JSON_LINE % (
+            self.clock.rfc3339(ev.ts_ns), self.clock.since_first(ev.ts_ns),
+            ev.skaddr, 4 if ev.family == socket.AF_INET else 6,
+            address_text(ev.family, ev.laddr), ev.lport,
+            address_text(ev.family, ev.raddr), ev.rport,
+            state_name(ev.oldstate), state_name(ev.newstate),
+            ev.span_us if ev.flags & SPAN_KNOWN else "null",
+            ev.pid, _json_str(comm_text(ev.comm)),
+            ev.opid if owner else "null",
+            _json_str(comm_text(ev.ocomm)) if owner else "null",
+            _json_str(self.cgroups.get(ev.opid)) if owner else "null")
+
     def _csv_line(self, fields):
         self._writer.writerow(fields)
         line = "".join(self._rows)
         self._rows.clear()
         return line
+
+
+JSON_LINE = (
+    '{"time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%d,'
+    '"laddr":"%s","lport":%d,"raddr":"%s","rport":%d,'
+    '"oldstate":"%s","newstate":"%s","span_us":%s,"pid":%d,"comm":%s,'
+    '"owner_pid":%s,"owner_comm":%s,"owner_cgroup":%s}\n')
+_json_str = json.JSONEncoder(ensure_ascii=True).encode
 
 
 class _ListWriter:
@@ -776,6 +899,41 @@ class _StderrCapture:
 # ---------------------------------------------------------------------------
 # The runtime.
 # ---------------------------------------------------------------------------
+class Reorderer:
+    """Holds events back until no earlier one can still arrive, then gives
+    them out in kernel-timestamp order.
+
+    Per-CPU perf buffers are read one CPU after another, so a batch can hold
+    a later event from one CPU before an earlier one from another. The loop
+    takes a horizon (the monotonic clock, less a margin for a BPF program
+    between its timestamp and its perf_submit) and then reads every buffer
+    to the end: everything stamped before the horizon has then been read,
+    and can leave in order. An event is held at most one poll interval plus
+    the margin."""
+
+    def __init__(self):
+        self._pending = []
+
+    def add(self, event):
+        self._pending.append(event)
+
+    def __len__(self):
+        return len(self._pending)
+
+    def release(self, horizon=None):
+        """The events stamped at or before horizon (all if None), sorted."""
+        pending = self._pending
+        if not pending:
+            return []
+        pending.sort(key=_ts_key)
+        if horizon is None or pending[-1].ts_ns <= horizon:
+            self._pending = []
+            return pending
+        cut = bisect.bisect_right(pending, horizon, key=_ts_key)
+        ready, self._pending = pending[:cut], pending[cut:]
+        return ready
+
+
 class Tracer:
     """Compiles the program, fills its maps, attaches it, and moves events
     from the perf buffers to the output in kernel-timestamp order."""
@@ -784,7 +942,7 @@ class Tracer:
         self.args = args
         self.out = out
         self.formatter = Formatter(args)
-        self.pending = []
+        self.reorder = Reorderer()
         self.lost = 0
         self.printed = 0
         self.failure = None
@@ -857,7 +1015,7 @@ class Tracer:
         # Keep this short: an exception here would be printed and ignored by
         # ctypes, so it is stored and re-raised by the poll loop.
         try:
-            self.pending.append(decode_event(ctypes.string_at(data, size)))
+            self.reorder.add(decode_event(ctypes.string_at(data, size)))
         except BaseException as exc:
             if self.failure is None:
                 self.failure = exc
@@ -872,36 +1030,40 @@ class Tracer:
         poll = self.bpf.perf_buffer_poll
         consume = self.bpf.perf_buffer_consume
         clock = time.monotonic_ns
-        while self.stop_signal is None:
-            poll(POLL_TIMEOUT_MS)
-            # Every event stamped before `horizon` (less a margin for a BPF
-            # program still between its timestamp and its perf_submit) is in
-            # the buffers now, so it is read by the consume below: events up
-            # to there can be emitted in timestamp order, and none that
-            # belongs before them can arrive later.
+        deadline = None
+        if self.args.duration is not None:
+            deadline = clock() + int(self.args.duration * 1e9)
+        while self.stop_signal is None and not self.done:
+            timeout = POLL_TIMEOUT_MS
+            if deadline is not None:
+                left = deadline - clock()
+                if left <= 0:
+                    break
+                timeout = max(1, min(timeout, left // 1_000_000))
+            poll(timeout)
+            # See Reorderer: the horizon is taken before the buffers are
+            # read to the end.
             horizon = clock() - REORDER_MARGIN_NS
             consume()
             self._drain(horizon)
-        consume()
-        self._drain(None)
+        if not self.done:
+            consume()
+            self._drain(None)
+
+    @property
+    def done(self):
+        count = self.args.count
+        return count is not None and self.printed >= count
 
     def _drain(self, horizon):
         if self.failure is not None:
             failure, self.failure = self.failure, None
             raise Fatal("decoding an event failed: %r" % (failure,))
-        pending = self.pending
-        if not pending:
+        ready = self.reorder.release(horizon)
+        if not ready:
             return
-        pending.sort(key=_ts_key)
-        if horizon is None or pending[-1].ts_ns <= horizon:
-            ready, self.pending = pending, []
-        else:
-            cut = 0
-            while cut < len(pending) and pending[cut].ts_ns <= horizon:
-                cut += 1
-            if cut == 0:
-                return
-            ready, self.pending = pending[:cut], pending[cut:]
+        if self.args.count is not None:
+            ready = ready[:self.args.count - self.printed]
         row = self.formatter.row
         self._write("".join([row(ev) for ev in ready]))
         self.out.flush()
@@ -909,6 +1071,9 @@ class Tracer:
 
     def _write(self, text):
         self.out.write(text)
+
+    def summary(self):
+        return "summary: %d printed, %d lost" % (self.printed, self.lost)
 
     def request_stop(self, signum, _frame=None):
         self.stop_signal = signum
@@ -934,6 +1099,10 @@ EXAMPLES = """examples:
     tcpstates -6            # IPv6 only
     tcpstates -x            # add each socket's owner (PID, name, cgroup)
     tcpstates -p 181        # only sockets owned by PID 181
+    tcpstates -j            # JSON lines, for jq and log shippers
+    tcpstates --from SYN_SENT --to CLOSE    # failed connects
+    tcpstates --min-span 1000               # states that lasted 1 s or more
+    tcpstates -j --duration 60 --count 1000 # bounded run
 """
 
 
@@ -964,6 +1133,18 @@ def build_parser():
                         help="add the socket's owner: O-PID, O-COMM, CGROUP")
     parser.add_argument("-p", "--pid", type=pid_arg, metavar="PID",
                         help="only sockets owned by this process")
+    parser.add_argument("-j", "--json", action="store_true",
+                        help="one JSON object per line, with every field")
+    parser.add_argument("--from", dest="from_states", type=state_list, metavar="STATES",
+                        help="only transitions out of these states (e.g. SYN_SENT)")
+    parser.add_argument("--to", dest="to_states", type=state_list, metavar="STATES",
+                        help="only transitions into these states (e.g. CLOSE)")
+    parser.add_argument("--min-span", type=milliseconds, metavar="MS",
+                        help="only transitions whose previous state lasted at least MS ms")
+    parser.add_argument("--duration", type=seconds, metavar="SECONDS",
+                        help="stop after SECONDS seconds")
+    parser.add_argument("--count", type=event_count, metavar="N",
+                        help="stop after N events")
     family = parser.add_mutually_exclusive_group()
     family.add_argument("-4", "--ipv4", action="store_true",
                         help="trace IPv4 only")
@@ -973,6 +1154,30 @@ def build_parser():
     parser.add_argument("--perf-pages", type=_perf_pages,
                         default=DEFAULT_PERF_PAGES, help=argparse.SUPPRESS)
     return parser
+
+
+def _positive_number(text, what, integer=False):
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = -1
+    if not (value > 0 and value < 1e9):
+        raise argparse.ArgumentTypeError(
+            "invalid %s %r: a positive number%s" % (
+                what, text, " (whole)" if integer else ""))
+    return value
+
+
+def milliseconds(text):
+    return _positive_number(text, "span")
+
+
+def seconds(text):
+    return _positive_number(text, "duration")
+
+
+def event_count(text):
+    return _positive_number(text, "count", integer=True)
 
 
 def pid_arg(text):
@@ -995,7 +1200,11 @@ def _perf_pages(text):
 
 
 def parse_args(argv):
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json and args.csv:
+        parser.error("argument -j/--json: not allowed with argument -s/--csv")
+    return args
 
 
 def _error(message):
@@ -1056,8 +1265,7 @@ def main(argv=None):
     finally:
         if tracer is not None:
             tracer.close()
-    if tracer.lost:
-        _error("lost %d events (perf buffer full)" % tracer.lost)
+    _error(tracer.summary())
     return 0
 
 

@@ -86,10 +86,38 @@ class TracerRun:
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if stdout is subprocess.PIPE and not self.wait_until(lambda ls: ls, ready_timeout):
+        self.header = None
+        if stdout is not subprocess.PIPE:
+            return
+        if "-j" in self.args or "--json" in self.args:
+            self._probe_ready(ready_timeout)
+            return
+        if not self.wait_until(lambda ls: ls, ready_timeout):
             self.kill()
             raise AssertionError("tracer printed no header; stderr: %s" % self.stderr_text())
-        self.header = self.lines[0] if self.lines else None
+        self.header = self.lines[0]
+
+    def _probe_ready(self, timeout):
+        """JSON output has no header: readiness is shown by a failed connect
+        to a closed port of ours appearing in the output (then forgotten)."""
+        probe = free_port()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                try:
+                    s.connect(("127.0.0.1", probe))
+                except OSError:
+                    pass
+            if self.wait_until(lambda ls: any('"rport":%d,' % probe in l for l in ls), 0.3):
+                with self._lock:
+                    self.lines = [l for l in self.lines if '"rport":%d,' % probe not in l
+                                  and '"lport":%d,' % probe not in l]
+                return
+            if self.proc.poll() is not None:
+                break
+        self.kill()
+        raise AssertionError("tracer never showed a probe connection; stderr: %s"
+                             % self.stderr_text())
 
     def _read(self):
         if self.proc.stdout is None:

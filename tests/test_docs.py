@@ -121,3 +121,14 @@ def test_readme_usage_matches_help():
     assert usage_text() in read(README)
     for opt in public_options() - {"-h", "--help"}:
         assert "`%s" % opt in read(README), opt
+
+
+def test_man_documents_every_json_key():
+    text = read(MAN)
+    section = text[text.index(".SS JSON KEYS"):text.index(".SH OVERHEAD")]
+    documented = set()
+    for entry in re.findall(r"^\.TP\n(.+)$", section, re.M):
+        documented.update(k.strip() for k in entry.split(","))
+    from test_unit import make_event
+    f = tcpstates.Formatter(tcpstates.parse_args(["-j"]))
+    assert documented == set(f.json_record(make_event()))
