@@ -800,6 +800,127 @@ class _ListWriter:
 
 
 # ---------------------------------------------------------------------------
+# The systemd journal (-Y).
+# ---------------------------------------------------------------------------
+# Stable IDs: one for "a TCP socket changed state", one for "events were
+# lost". systemd/tcpstates.catalog explains both to `journalctl -x`.
+JOURNAL_MESSAGE_ID = "29e4d369fcd3401e89a1bc2b4ff01360"
+JOURNAL_LOST_MESSAGE_ID = "8603391e3ee349579d0092a49adf604f"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+JOURNAL_IDENTIFIER = "tcpstates"
+LOG_NOTICE, LOG_WARNING = 5, 4
+
+
+def endpoint_text(family, raw, port):
+    address = address_text(family, raw)
+    if family == socket.AF_INET6:
+        return "[%s]:%d" % (address, port)
+    return "%s:%d" % (address, port)
+
+
+def journal_fields(ev, clock):
+    """The journal record of one event, as an ordered dict of fields.
+
+    Field names are the upstream bcc tool's where it has them, so existing
+    queries keep working. OBJECT_PID is the socket's owner, set only when
+    known, so that journald attaches the owner's name, executable and unit;
+    the on-CPU task has fields of its own. No field starts with "_": those
+    belong to journald."""
+    v = "IPV4" if ev.family == socket.AF_INET else "IPV6"
+    owner = ev.flags & OWNER_KNOWN
+    span = ev.flags & SPAN_KNOWN
+    who = ("%s[%d]" % (comm_text(ev.ocomm), ev.opid)) if owner else "unknown owner"
+    fields = {
+        "MESSAGE": "%s: %s \u2192 %s %s \u2192 %s%s" % (
+            who, endpoint_text(ev.family, ev.laddr, ev.lport),
+            endpoint_text(ev.family, ev.raddr, ev.rport),
+            state_name(ev.oldstate), state_name(ev.newstate),
+            (" after %.3f ms" % (ev.span_us / 1000)) if span else ""),
+        "MESSAGE_ID": JOURNAL_MESSAGE_ID,
+        "PRIORITY": str(LOG_NOTICE),
+        "SYSLOG_IDENTIFIER": JOURNAL_IDENTIFIER,
+    }
+    if owner:
+        fields["OBJECT_PID"] = str(ev.opid)
+        fields["TCPSTATES_OWNER_COMM"] = comm_text(ev.ocomm)
+    fields["OBJECT_%s_SOURCE_ADDRESS" % v] = address_text(ev.family, ev.laddr)
+    fields["OBJECT_TCP_SOURCE_PORT"] = str(ev.lport)
+    fields["OBJECT_%s_DESTINATION_ADDRESS" % v] = address_text(ev.family, ev.raddr)
+    fields["OBJECT_TCP_DESTINATION_PORT"] = str(ev.rport)
+    fields["OBJECT_TCP_OLD_STATE"] = state_name(ev.oldstate)
+    fields["OBJECT_TCP_NEW_STATE"] = state_name(ev.newstate)
+    if span:
+        fields["OBJECT_TCP_SPAN_TIME"] = str(ev.span_us)
+    fields["TCPSTATES_SOCKET"] = "%x" % ev.skaddr
+    fields["TCPSTATES_IP_VERSION"] = ip_version(ev.family)
+    fields["TCPSTATES_EVENT_REALTIME_USEC"] = str((ev.ts_ns + clock.wall_minus_mono) // 1000)
+    fields["TCPSTATES_EVENT_MONOTONIC_USEC"] = str(ev.ts_ns // 1000)
+    fields["TCPSTATES_ONCPU_PID"] = str(ev.pid)
+    fields["TCPSTATES_ONCPU_COMM"] = comm_text(ev.comm)
+    return fields
+
+
+def lost_fields(lost, total):
+    return {
+        "MESSAGE": "tcpstates lost %d events (%d since start): the journal has a gap"
+                   % (lost, total),
+        "MESSAGE_ID": JOURNAL_LOST_MESSAGE_ID,
+        "PRIORITY": str(LOG_WARNING),
+        "SYSLOG_IDENTIFIER": JOURNAL_IDENTIFIER,
+        "TCPSTATES_LOST": str(lost),
+        "TCPSTATES_LOST_TOTAL": str(total),
+    }
+
+
+def import_journal_sender():
+    try:
+        from systemd import journal
+    except ImportError:
+        raise Fatal("-Y needs python-systemd; install python3-systemd and run "
+                    "tcpstates with /usr/bin/python3") from None
+    return journal.sendv
+
+
+def check_journald(path=JOURNAL_SOCKET):
+    """journald must be listening before anything is attached."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        raise Fatal("-Y: journald is not running (nothing listens on %s); start "
+                    "systemd-journald, or run without -Y" % path) from None
+    finally:
+        sock.close()
+
+
+class JournalWriter:
+    """Sends records through sender (python-systemd's sendv by default;
+    tests pass their own). If journald goes away mid-run the tracer keeps
+    going: the first failure is reported on stderr, the rest are counted."""
+
+    def __init__(self, clock, sender, warn):
+        self.clock = clock
+        self.sender = sender
+        self.warn = warn
+        self.unsent = 0
+
+    def _send(self, fields):
+        try:
+            self.sender(*["%s=%s" % item for item in fields.items()])
+        except OSError as exc:
+            if not self.unsent:
+                self.warn("journal: sending a record failed (%s); tracing goes on, "
+                          "unsent records are counted" % (exc.strerror or exc))
+            self.unsent += 1
+
+    def event(self, ev):
+        self._send(journal_fields(ev, self.clock))
+
+    def lost(self, lost, total):
+        self._send(lost_fields(lost, total))
+
+
+# ---------------------------------------------------------------------------
 # Checks before any compile work: each failure gets its own message.
 # ---------------------------------------------------------------------------
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -938,12 +1059,20 @@ class Tracer:
     """Compiles the program, fills its maps, attaches it, and moves events
     from the perf buffers to the output in kernel-timestamp order."""
 
-    def __init__(self, args, out):
+    def __init__(self, args, out, journal_sender=None):
         self.args = args
         self.out = out
         self.formatter = Formatter(args)
         self.reorder = Reorderer()
+        self.journal = None
+        if journal_sender is not None:
+            self.journal = JournalWriter(self.formatter.clock, journal_sender, _error)
+        # A service discards stdout (its records go to the journal): then
+        # rows are not even formatted.
+        self.write_rows = not _is_devnull(out)
         self.lost = 0
+        self.lost_reported = 0
+        self.lost_report_ns = 0
         self.printed = 0
         self.failure = None
         self.stop_signal = None
@@ -1046,9 +1175,12 @@ class Tracer:
             horizon = clock() - REORDER_MARGIN_NS
             consume()
             self._drain(horizon)
+            if self.lost != self.lost_reported:
+                self.report_lost()
         if not self.done:
             consume()
             self._drain(None)
+        self.report_lost(final=True)
 
     @property
     def done(self):
@@ -1064,19 +1196,51 @@ class Tracer:
             return
         if self.args.count is not None:
             ready = ready[:self.args.count - self.printed]
-        row = self.formatter.row
-        self._write("".join([row(ev) for ev in ready]))
-        self.out.flush()
+        if self.write_rows:
+            row = self.formatter.row
+            self._write("".join([row(ev) for ev in ready]))
+            self.out.flush()
         self.printed += len(ready)
+        if self.journal is not None:
+            send = self.journal.event
+            for ev in ready:
+                send(ev)
+
+    def report_lost(self, final=False):
+        """Losses, as they happen: at most one stderr line (and with -Y one
+        journal record) a second, with the running total."""
+        new = self.lost - self.lost_reported
+        if not new:
+            return
+        now = time.monotonic_ns()
+        if not final and now - self.lost_report_ns < 1_000_000_000:
+            return
+        self.lost_reported = self.lost
+        self.lost_report_ns = now
+        _error("lost %d events (%d in all): perf buffers overflowed" % (new, self.lost))
+        if self.journal is not None:
+            self.journal.lost(new, self.lost)
 
     def _write(self, text):
         self.out.write(text)
 
     def summary(self):
-        return "summary: %d printed, %d lost" % (self.printed, self.lost)
+        text = "summary: %d printed, %d lost" % (self.printed, self.lost)
+        if self.journal is not None:
+            text += ", %d journal records not sent" % self.journal.unsent
+        return text
 
     def request_stop(self, signum, _frame=None):
         self.stop_signal = signum
+
+
+def _is_devnull(stream):
+    try:
+        st = os.fstat(stream.fileno())
+        null = os.stat(os.devnull)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_rdev, st.st_ino) == (null.st_rdev, null.st_ino)
 
 
 def _ts_key(ev):
@@ -1099,6 +1263,7 @@ EXAMPLES = """examples:
     tcpstates -6            # IPv6 only
     tcpstates -x            # add each socket's owner (PID, name, cgroup)
     tcpstates -p 181        # only sockets owned by PID 181
+    tcpstates -Y            # also record each event in the systemd journal
     tcpstates -j            # JSON lines, for jq and log shippers
     tcpstates --from SYN_SENT --to CLOSE    # failed connects
     tcpstates --min-span 1000               # states that lasted 1 s or more
@@ -1133,6 +1298,8 @@ def build_parser():
                         help="add the socket's owner: O-PID, O-COMM, CGROUP")
     parser.add_argument("-p", "--pid", type=pid_arg, metavar="PID",
                         help="only sockets owned by this process")
+    parser.add_argument("-Y", "--journal", action="store_true",
+                        help="also send each event to the systemd journal")
     parser.add_argument("-j", "--json", action="store_true",
                         help="one JSON object per line, with every field")
     parser.add_argument("--from", dest="from_states", type=state_list, metavar="STATES",
@@ -1246,7 +1413,11 @@ def main(argv=None):
         check_privileges()
         check_tracepoint()
         check_kernel_headers()
-        tracer = Tracer(args, sys.stdout)
+        sender = None
+        if args.journal:
+            sender = import_journal_sender()
+            check_journald()
+        tracer = Tracer(args, sys.stdout, sender)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, tracer.request_stop)
         # A shell starts background jobs with SIGINT ignored; keep it so.

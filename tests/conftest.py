@@ -6,7 +6,10 @@ TCPSTATES_REQUIRE_LIVE=1, which .ci/run sets) any skip is turned into a
 failure, so a live test can never silently not run there.
 """
 import os
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,3 +52,47 @@ def live():
     problem = live_problem()
     if problem:
         pytest.skip("live test needs the real kernel: " + problem)
+
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+JOURNALD = "/lib/systemd/systemd-journald"
+
+
+def journald_listening():
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect(JOURNAL_SOCKET)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def journald():
+    """A running journald: the machine's, or one started here (and stopped
+    again at the end; one that was already running is left alone)."""
+    problem = live_problem()
+    if problem:
+        pytest.skip("journal test needs the real kernel: " + problem)
+    started = None
+    if not journald_listening():
+        if not os.access(JOURNALD, os.X_OK):
+            pytest.skip("no %s (package systemd)" % JOURNALD)
+        started = subprocess.Popen([JOURNALD], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not journald_listening():
+            if time.monotonic() > deadline or started.poll() is not None:
+                started.kill()
+                pytest.fail("systemd-journald did not start")
+            time.sleep(0.05)
+    yield
+    if started is not None:
+        started.terminate()
+        try:
+            started.wait(10)
+        except subprocess.TimeoutExpired:
+            started.kill()

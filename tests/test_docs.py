@@ -71,13 +71,14 @@ def test_man_fields_cover_every_column(argv):
 def test_man_sections_in_bcc_order():
     sections = re.findall(r"^\.SH (.+)$", read(MAN), re.M)
     assert sections == ["NAME", "SYNOPSIS", "DESCRIPTION", "REQUIREMENTS", "OPTIONS",
-                        "EXAMPLES", "FIELDS", "OVERHEAD", "SOURCE", "OS", "STABILITY",
+                        "EXAMPLES", "FIELDS", "JOURNAL FIELDS", "OVERHEAD", "SOURCE", "OS", "STABILITY",
                         "AUTHOR", "SEE ALSO"]
 
 
 def test_man_escapes_every_minus():
     for n, line in enumerate(read(MAN).splitlines(), 1):
         body = line[3:] if line.startswith((".TH", ".SH", ".TP", ".PP", ".B ")) else line
+        body = body.replace("\\(->", "")      # groff's arrow glyph
         assert not re.search(r"(?<!\\)-", body), "line %d: unescaped '-': %s" % (n, line)
 
 
@@ -125,10 +126,23 @@ def test_readme_usage_matches_help():
 
 def test_man_documents_every_json_key():
     text = read(MAN)
-    section = text[text.index(".SS JSON KEYS"):text.index(".SH OVERHEAD")]
+    section = text[text.index(".SS JSON KEYS"):text.index(".SH JOURNAL FIELDS")]
     documented = set()
     for entry in re.findall(r"^\.TP\n(.+)$", section, re.M):
         documented.update(k.strip() for k in entry.split(","))
     from test_unit import make_event
     f = tcpstates.Formatter(tcpstates.parse_args(["-j"]))
     assert documented == set(f.json_record(make_event()))
+
+
+def test_man_documents_every_journal_field():
+    section = man_section("JOURNAL FIELDS")
+    documented = set()
+    for entry in re.findall(r"^\.TP\n(.+)$", section, re.M):
+        documented.update(k.strip() for k in entry.split(","))
+    from test_unit import make_event, v6_event
+    clock = tcpstates.Clock()
+    sent = set(tcpstates.journal_fields(make_event(), clock)) | set(
+        tcpstates.journal_fields(v6_event(), clock))
+    assert sent <= documented
+    assert set(tcpstates.lost_fields(1, 2)) - sent <= set(re.findall(r"TCPSTATES_\w+", section))

@@ -1,0 +1,343 @@
+"""-Y: structured journal records, the service unit, the catalog, and
+forwarding to a central journal."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import helpers
+import tcpstates
+from helpers import ROOT, TOOL, TracerRun, parse_csv, rows_for_port, tcp_session
+from test_unit import args_for, make_event, v6_event
+
+UNDERSCORE = re.compile(r"^_")
+
+
+def fields_of(ev):
+    clock = tcpstates.Clock()
+    clock.wall_minus_mono = 1_000_000_000_000
+    return tcpstates.journal_fields(ev, clock)
+
+
+# -- unit --------------------------------------------------------------------
+def test_ipv4_record():
+    f = fields_of(make_event())
+    assert f == {
+        "MESSAGE": "curl[4242]: 127.0.0.1:41365 \u2192 10.1.2.3:46400 ESTABLISHED \u2192 "
+                   "FIN_WAIT1 after 300.206 ms",
+        "MESSAGE_ID": tcpstates.JOURNAL_MESSAGE_ID,
+        "PRIORITY": "5",
+        "SYSLOG_IDENTIFIER": "tcpstates",
+        "OBJECT_PID": "4242",
+        "TCPSTATES_OWNER_COMM": "curl",
+        "OBJECT_IPV4_SOURCE_ADDRESS": "127.0.0.1",
+        "OBJECT_TCP_SOURCE_PORT": "41365",
+        "OBJECT_IPV4_DESTINATION_ADDRESS": "10.1.2.3",
+        "OBJECT_TCP_DESTINATION_PORT": "46400",
+        "OBJECT_TCP_OLD_STATE": "ESTABLISHED",
+        "OBJECT_TCP_NEW_STATE": "FIN_WAIT1",
+        "OBJECT_TCP_SPAN_TIME": "300206",
+        "TCPSTATES_SOCKET": "ffff888102ed1280",
+        "TCPSTATES_IP_VERSION": "4",
+        "TCPSTATES_EVENT_REALTIME_USEC": "1005000000",
+        "TCPSTATES_EVENT_MONOTONIC_USEC": "5000000",
+        "TCPSTATES_ONCPU_PID": "4242",
+        "TCPSTATES_ONCPU_COMM": "curl",
+    }
+
+
+def test_ipv6_record_has_real_addresses():
+    f = fields_of(v6_event())
+    assert f["OBJECT_IPV6_SOURCE_ADDRESS"] == "2001:db8::1"
+    assert f["OBJECT_IPV6_DESTINATION_ADDRESS"] == "fe80::abcd:ef01:2345:6789"
+    assert "OBJECT_IPV4_SOURCE_ADDRESS" not in f
+    assert f["TCPSTATES_IP_VERSION"] == "6"
+    assert "[2001:db8::1]:41365 \u2192 [fe80::abcd:ef01:2345:6789]:46400" in f["MESSAGE"]
+
+
+def test_unknown_owner_and_span_are_left_out_not_zero():
+    f = fields_of(make_event(flags=0, opid=0, pid=0, comm=b"swapper/1".ljust(16, b"\0")))
+    assert "OBJECT_PID" not in f and "TCPSTATES_OWNER_COMM" not in f
+    assert "OBJECT_TCP_SPAN_TIME" not in f
+    assert f["TCPSTATES_ONCPU_PID"] == "0" and f["TCPSTATES_ONCPU_COMM"] == "swapper/1"
+    assert f["MESSAGE"].startswith("unknown owner: ") and "after" not in f["MESSAGE"]
+
+
+@pytest.mark.parametrize("name", [b"\x1b[31mred", b"a\nMESSAGE=x", b"\xff\xfe", b"=1+1"])
+def test_hostile_names_in_records(name):
+    f = fields_of(make_event(comm=name.ljust(16, b"\0"), ocomm=name.ljust(16, b"\0")))
+    for key, value in f.items():
+        assert re.fullmatch(r"[A-Z0-9_]+", key) and not key.startswith("_")
+        assert "\n" not in value and "\x1b" not in value, (key, value)
+    assert f["TCPSTATES_ONCPU_COMM"] == tcpstates.comm_text(name.ljust(16, b"\0"))
+
+
+def test_no_field_is_journalds_own():
+    for ev in (make_event(), v6_event(), make_event(flags=0)):
+        assert not [k for k in fields_of(ev) if k.startswith("_")]
+
+
+def test_writer_uses_the_injected_sender():
+    sent = []
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), lambda *a: sent.append(a), None)
+    writer.event(make_event())
+    assert sent[0][0].startswith("MESSAGE=curl[4242]: ")
+    assert "OBJECT_PID=4242" in sent[0] and "OBJECT_TCP_SPAN_TIME=300206" in sent[0]
+    writer.lost(3, 10)
+    assert "TCPSTATES_LOST=3" in sent[1] and "PRIORITY=4" in sent[1]
+    assert "MESSAGE_ID=%s" % tcpstates.JOURNAL_LOST_MESSAGE_ID in sent[1]
+
+
+def test_writer_counts_failures_and_warns_once():
+    warnings = []
+
+    def down(*fields):
+        raise ConnectionRefusedError(111, "Connection refused")
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), down, warnings.append)
+    for _ in range(5):
+        writer.event(make_event())
+    assert writer.unsent == 5
+    assert len(warnings) == 1 and "Connection refused" in warnings[0]
+
+
+def test_missing_python_systemd(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "systemd", None)
+    monkeypatch.setattr(tcpstates, "check_privileges", lambda: None)
+    monkeypatch.setattr(tcpstates, "check_tracepoint", lambda: None)
+    monkeypatch.setattr(tcpstates, "check_kernel_headers", lambda: None)
+    loaded = []
+    monkeypatch.setattr(tcpstates.Tracer, "load", lambda self: loaded.append(1))
+    assert tcpstates.main(["-Y"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["tcpstates: -Y needs python-systemd; install python3-systemd and run "
+                   "tcpstates with /usr/bin/python3"]
+    assert loaded == []     # nothing compiled or attached
+
+
+# -- unit file, catalog, install -------------------------------------------
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """`make install` into a scratch root that also holds the system's units."""
+    dest = tmp_path_factory.mktemp("root")
+    proc = subprocess.run(["make", "-s", "-C", ROOT, "install", "DESTDIR=%s" % dest],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return dest
+
+
+def test_install_puts_files_where_a_distribution_would(installed):
+    for path in ("usr/sbin/tcpstates", "usr/share/man/man8/tcpstates.8",
+                 "usr/lib/systemd/system/tcpstates.service",
+                 "usr/lib/systemd/catalog/tcpstates.catalog",
+                 "var/lib/systemd/catalog/database"):
+        assert (installed / path).exists(), path
+    assert os.access(installed / "usr/sbin/tcpstates", os.X_OK)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_unit_file_verifies_clean(installed):
+    units = installed / "usr/lib/systemd/system"
+    for unit in os.listdir("/lib/systemd/system"):
+        src = os.path.join("/lib/systemd/system", unit)
+        if not (units / unit).exists() and os.path.isfile(src):
+            shutil.copy(src, units / unit)
+    proc = subprocess.run(["systemd-analyze", "--root=%s" % installed, "verify",
+                           str(units / "tcpstates.service")], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    unit = (units / "tcpstates.service").read_text()
+    assert "ExecStart=/usr/sbin/tcpstates -Y\n" in unit
+    # stdout would reach the journal too: each event stored twice.
+    assert "StandardOutput=null\n" in unit
+
+
+def test_catalog_lists_both_message_ids(installed):
+    out = subprocess.run(["journalctl", "--root=%s" % installed, "--list-catalog"],
+                         capture_output=True, text=True).stdout
+    assert tcpstates.JOURNAL_MESSAGE_ID in out and tcpstates.JOURNAL_LOST_MESSAGE_ID in out
+
+
+# -- live ------------------------------------------------------------------
+def read_journal(pid, *match, file=None):
+    argv = ["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=tcpstates",
+            "_PID=%d" % pid] + list(match)
+    if file:
+        argv.insert(1, "--file=%s" % file)
+    out = subprocess.run(argv, capture_output=True, text=True).stdout
+    return [json.loads(l) for l in out.splitlines()]
+
+
+def wait_journal(pid, count, *match, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_journal(pid, *match)
+        if len(records) >= count or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def check_client_records(records, session, owner_pid):
+    """Every field of the client socket's five records."""
+    v = "IPV4" if session.family == socket.AF_INET else "IPV6"
+    host = "127.0.0.1" if session.family == socket.AF_INET else "::1"
+    mine = [r for r in records if r.get("OBJECT_TCP_DESTINATION_PORT") == str(session.port)]
+    assert [(r["OBJECT_TCP_OLD_STATE"], r["OBJECT_TCP_NEW_STATE"]) for r in mine] == \
+        helpers.CLIENT_SEQUENCE
+    for r in mine:
+        assert r["MESSAGE_ID"] == tcpstates.JOURNAL_MESSAGE_ID and r["PRIORITY"] == "5"
+        assert r["OBJECT_%s_SOURCE_ADDRESS" % v] == host
+        assert r["OBJECT_%s_DESTINATION_ADDRESS" % v] == host
+        assert r["OBJECT_PID"] == str(owner_pid)       # the owner, never 0
+        assert r["TCPSTATES_OWNER_COMM"] == "python3"
+        assert r["TCPSTATES_IP_VERSION"] == ("4" if v == "IPV4" else "6")
+        assert re.fullmatch(r"[0-9a-f]+", r["TCPSTATES_SOCKET"])
+        assert abs(int(r["TCPSTATES_EVENT_REALTIME_USEC"]) - int(r["__REALTIME_TIMESTAMP"])) < 5e6
+        assert int(r["TCPSTATES_EVENT_MONOTONIC_USEC"]) > 0
+        assert "TCPSTATES_ONCPU_PID" in r and "TCPSTATES_ONCPU_COMM" in r
+        assert r["OBJECT_COMM"] == "python3"           # journald's, from OBJECT_PID
+        assert not [k for k in r if k.startswith("OBJECT_IPV4" if v == "IPV6" else "OBJECT_IPV6")]
+    assert [r["OBJECT_TCP_SOURCE_PORT"] for r in mine] == ["0"] + [str(session.client_port)] * 4
+    assert "OBJECT_TCP_SPAN_TIME" not in mine[0]
+    assert 250_000 <= int(mine[2]["OBJECT_TCP_SPAN_TIME"]) <= 700_000
+    assert mine[2]["MESSAGE"].startswith("python3[%d]: " % owner_pid)
+    assert "ESTABLISHED \u2192 FIN_WAIT1 after " in mine[2]["MESSAGE"]
+    return mine
+
+
+@pytest.mark.usefixtures("journald")
+def test_records_reach_journald_ipv4_and_ipv6():
+    with TracerRun("-Y", "-s") as tracer:
+        sessions = [tcp_session(socket.AF_INET, hold=0.25), tcp_session(socket.AF_INET6, hold=0.25)]
+        for s in sessions:
+            assert tracer.wait_until(
+                lambda ls: len(rows_for_port(parse_csv(ls), s.port)) >= 12, 10)
+        time.sleep(0.2)
+        assert tracer.stop() == 0
+    assert tracer.stderr.endswith("0 lost, 0 journal records not sent\n")
+    for s in sessions:
+        records = wait_journal(tracer.proc.pid, 12, "OBJECT_TCP_DESTINATION_PORT=%d" % s.port)
+        check_client_records(records, s, os.getpid())
+    # one record per printed event, no more
+    printed = len(tracer.snapshot()) - 1
+    assert len(read_journal(tracer.proc.pid)) == printed
+
+
+@pytest.mark.usefixtures("journald")
+def test_service_style_run_discards_stdout_but_records_everything():
+    port = helpers.free_port()
+    proc = subprocess.Popen([sys.executable, TOOL, "-Y", "-L", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=helpers.default_sigint)
+    try:
+        deadline = time.monotonic() + 30
+        session = None
+        while time.monotonic() < deadline:       # ready when a connection shows up
+            session = tcp_session(port=port)
+            if read_journal(proc.pid):
+                break
+            time.sleep(0.3)
+        records = wait_journal(proc.pid, 7, "OBJECT_TCP_SOURCE_PORT=%d" % port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=10)[1].decode()
+    assert proc.returncode == 0, err
+    assert len(read_journal(proc.pid)) % 7 == 0 and records
+
+
+def test_journald_not_running_is_one_line():
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mkdir -p /run/systemd/journal && mount -t tmpfs none /run/systemd/journal && '
+         'exec "$0" "$1" -Y', sys.executable, TOOL], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "tcpstates: -Y: journald is not running (nothing listens on "
+        "/run/systemd/journal/socket); start systemd-journald, or run without -Y"]
+    assert proc.stdout == ""
+
+
+@pytest.mark.usefixtures("live")
+def test_journald_dying_mid_run_is_survived():
+    port = helpers.free_port()
+    script = ("for d in /run/systemd/journal /run/log/journal /var/log/journal; do "
+              "mkdir -p $d && mount -t tmpfs tmpfs $d || exit 9; done; "
+              'exec "$0" "$1" "$2"')
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                           sys.executable, os.path.join(ROOT, "tests", "journald_dies.py"),
+                           str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["journal_before"] == 7
+    assert report["rc"] == 0
+    assert report["rows"] == 14
+    err = report["stderr"].splitlines()
+    assert len([l for l in err if "journal: sending a record failed" in l]) == 1
+    assert err[-1] == "tcpstates: summary: 14 printed, 0 lost, 7 journal records not sent"
+
+
+@pytest.mark.usefixtures("journald")
+def test_records_forwarded_to_a_central_journal(tmp_path, installed):
+    """-Y records -> local journald -> systemd-journal-upload -> HTTP ->
+    systemd-journal-remote on loopback -> a journal file, with every field."""
+    remote = "/lib/systemd/systemd-journal-remote"
+    upload = "/lib/systemd/systemd-journal-upload"
+    if not (os.access(remote, os.X_OK) and os.access(upload, os.X_OK)):
+        pytest.skip("systemd-journal-remote is not installed (setup.sh installs it)")
+    from systemd import journal
+    journal.sendv("MESSAGE=tcpstates forwarding test starts", "SYSLOG_IDENTIFIER=tcpstates-test")
+    time.sleep(0.2)
+    cursor = subprocess.run(["journalctl", "-n", "1", "--show-cursor", "-q", "--no-pager"],
+                            capture_output=True, text=True).stdout
+    cursor = re.search(r"^-- cursor: (.+)$", cursor, re.M).group(1)
+    with TracerRun("-Y", "-s") as tracer:
+        sessions = [tcp_session(socket.AF_INET, hold=0.25), tcp_session(socket.AF_INET6, hold=0.25)]
+        for s in sessions:
+            tracer.wait_until(lambda ls: len(rows_for_port(parse_csv(ls), s.port)) >= 12, 10)
+        time.sleep(0.2)
+        assert tracer.stop() == 0
+    wait_journal(tracer.proc.pid, 24)
+    http_port = helpers.free_port()
+    out = tmp_path / "remote.journal"
+    receiver = subprocess.Popen([remote, "--split-mode=none", "--listen-http=127.0.0.1:%d" % http_port,
+                                 "--output=%s" % out], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        sent = None
+        for _ in range(50):                       # until the receiver listens
+            sent = subprocess.run([upload, "--url=http://127.0.0.1:%d" % http_port,
+                                   "--after-cursor=%s" % cursor, "--follow=no"],
+                                  capture_output=True, stdin=subprocess.DEVNULL,
+                                  text=True, timeout=60)
+            if sent.returncode == 0 and "failed" not in sent.stderr:
+                break
+            time.sleep(0.1)
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        receiver.send_signal(signal.SIGTERM)
+        receiver.wait(10)
+    local = read_journal(tracer.proc.pid)
+    forwarded = read_journal(tracer.proc.pid, file=str(out))
+    assert len(forwarded) == len(local) >= 24
+    for s in sessions:
+        check_client_records(forwarded, s, os.getpid())
+    ours = lambda r: {k: v for k, v in r.items() if not k.startswith("__")}
+    assert [ours(r) for r in forwarded] == [ours(r) for r in local]
+
+    # journalctl -x explains the forwarded records with the installed
+    # catalog. journalctl 252 reads the catalog database only from the real
+    # root, so the installed one is bind-mounted there in a private mount
+    # namespace.
+    explained = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mkdir -p /var/lib/systemd/catalog && mount --bind "$0" /var/lib/systemd/catalog && exec journalctl --file="$1" -x '
+         '--no-pager -n 1 MESSAGE_ID=%s' % tcpstates.JOURNAL_MESSAGE_ID,
+         str(installed / "var/lib/systemd/catalog"), str(out)],
+        capture_output=True, text=True).stdout
+    assert "Subject: TCP socket changed state: " in explained, explained
+    assert "Documentation: man:tcpstates(8)" in explained
