@@ -471,6 +471,8 @@ def bpf_cflags(args):
         flags.append("-DFILTER_NEWSTATES=0x%xU" % state_mask(args.to_states))
     if args.min_span is not None:
         flags.append("-DFILTER_MIN_SPAN_US=%dULL" % round(args.min_span * 1000))
+    if getattr(args, "max_sockets", None):
+        flags.append("-DMAX_SOCKETS=%d" % args.max_sockets)
     return flags
 
 
@@ -657,6 +659,13 @@ class Formatter:
         self.wide = args.wide
         self.extended = args.extended
         self.cgroups = CgroupCache()
+        # Columns whose text a process chooses (names, cgroup): see
+        # FORMULA_STARTS.
+        self.csv_guard = ()
+        if self.csv:
+            titles = self.header_fields()
+            self.csv_guard = tuple(i for i, t in enumerate(titles)
+                                   if t in ("C-COMM", "O-COMM", "CGROUP"))
         if self.json:
             self.row = self.json_row
         elif self.csv:
@@ -778,11 +787,22 @@ class Formatter:
             _json_str(self.cgroups.get(ev.opid)) if owner else "null")
 
     def _csv_line(self, fields):
+        if self.csv_guard:
+            for i in self.csv_guard:
+                # "-" alone (an unknown owner) is no formula.
+                if i < len(fields) and fields[i][:1] in FORMULA_STARTS and fields[i] != UNKNOWN:
+                    fields[i] = "'" + fields[i]
         self._writer.writerow(fields)
         line = "".join(self._rows)
         self._rows.clear()
         return line
 
+
+# A CSV cell starting with one of these is run as a formula by spreadsheet
+# programs ("CSV injection"). A process chooses its own name, so in CSV a
+# name (or cgroup) starting with one of them gets a leading apostrophe, as
+# OWASP recommends; the table, JSON and the journal show names unchanged.
+FORMULA_STARTS = frozenset("=+-@\t\r")
 
 JSON_LINE = (
     '{"time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%d,'
@@ -1073,6 +1093,10 @@ class Tracer:
         self.lost = 0
         self.lost_reported = 0
         self.lost_report_ns = 0
+        self.skipped = 0
+        self.skipped_reported = 0
+        self.skipped_known = False
+        self.prog_fd = None
         self.printed = 0
         self.failure = None
         self.stop_signal = None
@@ -1106,6 +1130,8 @@ class Tracer:
             self._fill_port_map("remote_ports", self.args.remoteport)
             fn = self.bpf.load_func(b"tracepoint__sock__inet_sock_set_state",
                                     bcc.BPF.TRACEPOINT)
+            self.prog_fd = fn.fd
+            self.skipped_known = prog_recursion_misses(fn.fd) is not None
             self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=fn.name)
             self.bpf[b"events"].open_perf_buffer(
                 self._on_event, page_cnt=self.args.perf_pages,
@@ -1175,8 +1201,7 @@ class Tracer:
             horizon = clock() - REORDER_MARGIN_NS
             consume()
             self._drain(horizon)
-            if self.lost != self.lost_reported:
-                self.report_lost()
+            self.report_lost()
         if not self.done:
             consume()
             self._drain(None)
@@ -1190,7 +1215,8 @@ class Tracer:
     def _drain(self, horizon):
         if self.failure is not None:
             failure, self.failure = self.failure, None
-            raise Fatal("decoding an event failed: %r" % (failure,))
+            raise Fatal("reading an event failed: %s: %s"
+                        % (type(failure).__name__, failure))
         ready = self.reorder.release(horizon)
         if not ready:
             return
@@ -1208,30 +1234,78 @@ class Tracer:
 
     def report_lost(self, final=False):
         """Losses, as they happen: at most one stderr line (and with -Y one
-        journal record) a second, with the running total."""
-        new = self.lost - self.lost_reported
-        if not new:
-            return
+        journal record) a second, with the running totals. Two kinds: events
+        the perf buffers had no room for, and tracepoint hits the kernel
+        skipped because another BPF program was running on that CPU (the
+        program's recursion_misses)."""
         now = time.monotonic_ns()
         if not final and now - self.lost_report_ns < 1_000_000_000:
             return
-        self.lost_reported = self.lost
         self.lost_report_ns = now
-        _error("lost %d events (%d in all): perf buffers overflowed" % (new, self.lost))
+        skipped = prog_recursion_misses(self.prog_fd)
+        if skipped is not None:
+            self.skipped = skipped
+        new_lost = self.lost - self.lost_reported
+        new_skipped = self.skipped - self.skipped_reported
+        if not (new_lost or new_skipped):
+            return
+        self.lost_reported, self.skipped_reported = self.lost, self.skipped
+        parts = []
+        if new_lost:
+            parts.append("lost %d events (%d in all): perf buffers overflowed"
+                         % (new_lost, self.lost))
+        if new_skipped:
+            parts.append("the kernel skipped %d events (%d in all): another BPF "
+                         "program was running on the CPU" % (new_skipped, self.skipped))
+        _error("; ".join(parts))
         if self.journal is not None:
-            self.journal.lost(new, self.lost)
+            self.journal.lost(new_lost + new_skipped, self.lost + self.skipped)
 
     def _write(self, text):
         self.out.write(text)
 
     def summary(self):
         text = "summary: %d printed, %d lost" % (self.printed, self.lost)
+        if self.skipped_known:
+            text += ", %d skipped by the kernel" % self.skipped
         if self.journal is not None:
             text += ", %d journal records not sent" % self.journal.unsent
         return text
 
     def request_stop(self, signum, _frame=None):
         self.stop_signal = signum
+
+
+# struct bpf_prog_info (include/uapi/linux/bpf.h): recursion_misses is the
+# u64 at offset 208 (Linux 5.12 and later); the kernel says how much of the
+# struct it filled.
+PROG_INFO_SIZE = 256
+PROG_INFO_RECURSION_MISSES = 208
+
+
+def prog_recursion_misses(fd):
+    """The kernel's count of times it skipped this program, or None where
+    the kernel does not report it."""
+    if fd is None:
+        return None
+    try:
+        from bcc.libbcc import lib
+        get_info = lib.bpf_obj_get_info
+    except (ImportError, AttributeError):
+        return None
+    get_info.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    buf = ctypes.create_string_buffer(PROG_INFO_SIZE)
+    size = ctypes.c_uint32(PROG_INFO_SIZE)
+    if get_info(fd, buf, ctypes.byref(size)) != 0:
+        return None
+    return parse_recursion_misses(buf.raw, size.value)
+
+
+def parse_recursion_misses(raw, filled):
+    end = PROG_INFO_RECURSION_MISSES + 8
+    if filled < end:
+        return None
+    return struct.unpack_from("<Q", raw, PROG_INFO_RECURSION_MISSES)[0]
 
 
 def _is_devnull(stream):
@@ -1320,6 +1394,8 @@ def build_parser():
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--perf-pages", type=_perf_pages,
                         default=DEFAULT_PERF_PAGES, help=argparse.SUPPRESS)
+    # Size of the per-socket map: a test knob, to overflow it on purpose.
+    parser.add_argument("--max-sockets", type=_max_sockets, help=argparse.SUPPRESS)
     return parser
 
 
@@ -1352,6 +1428,12 @@ def pid_arg(text):
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 4194304:
         raise argparse.ArgumentTypeError(
             "invalid PID %r: a process ID is a number from 1 to 4194304" % text)
+    return int(text)
+
+
+def _max_sockets(text):
+    if not (text.isascii() and text.isdigit()) or not 64 <= int(text) <= 1 << 24:
+        raise argparse.ArgumentTypeError("invalid map size %r: 64 to 16777216" % text)
     return int(text)
 
 
@@ -1432,6 +1514,9 @@ def main(argv=None):
         return 0
     except Fatal as exc:
         _error(str(exc))
+        return 1
+    except Exception as exc:      # a bug: still one line, and a clean detach
+        _error("internal error: %s: %s" % (type(exc).__name__, exc))
         return 1
     finally:
         if tracer is not None:

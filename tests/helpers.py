@@ -2,6 +2,7 @@
 import csv
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -168,6 +169,19 @@ class TracerRun:
 
     def __exit__(self, *exc):
         self.kill()
+
+
+SUMMARY = re.compile(r"tcpstates: summary: (?P<printed>\d+) printed, (?P<lost>\d+) lost, "
+                     r"(?P<skipped>\d+) skipped by the kernel"
+                     r"(?:, (?P<unsent>\d+) journal records not sent)?")
+
+
+def summary(stderr):
+    """The numbers of the exit summary, the last line of stderr."""
+    lines = stderr.splitlines()
+    m = SUMMARY.fullmatch(lines[-1]) if lines else None
+    assert m, "no summary line in stderr: %r" % stderr
+    return {k: int(v) for k, v in m.groupdict().items() if v is not None}
 
 
 def parse_csv(lines):

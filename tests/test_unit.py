@@ -158,7 +158,10 @@ def test_hostile_names_round_trip_through_csv(name):
     text = f.header() + f.row(make_event(comm=name[:16].ljust(16, b"\0")))
     rows = list(csv.reader(io.StringIO(text, newline="")))
     assert len(rows) == 2 and len(rows[1]) == 11
-    assert rows[1][2] == tcpstates.comm_text(name[:16].ljust(16, b"\0"))
+    expected = tcpstates.comm_text(name[:16].ljust(16, b"\0"))
+    if expected[:1] in "=+-@":
+        expected = "'" + expected
+    assert rows[1][2] == expected
     assert "\n" not in rows[1][2] and "\x1b" not in rows[1][2]
 
 
@@ -327,3 +330,30 @@ def test_pid_arg_rejects(text):
 
 def test_pid_filter_is_a_define():
     assert tcpstates.bpf_cflags(args_for("-p", "181")) == ["-DFILTER_PID=181"]
+
+
+@pytest.mark.parametrize("name", [b"=HYPERLINK(1)", b"+1+1", b"-2+3", b"@SUM(A1)"])
+def test_csv_defuses_spreadsheet_formulas(name):
+    f = tcpstates.Formatter(args_for("-s", "-x"))
+    f.cgroups.get = lambda pid: "=cgroup"
+    ev = make_event(comm=name.ljust(16, b"\0"), ocomm=name.ljust(16, b"\0"))
+    row = next(csv.reader([f.row(ev)]))
+    for cell in (row[2], row[-2], row[-1]):
+        assert cell.startswith("'"), row
+    assert row[1] == "4242" and row[-3] == "4242"       # numbers untouched
+    # the table and JSON show the name unchanged (escaped only)
+    table = tcpstates.Formatter(args_for("-w")).row(ev)
+    assert "'" + tcpstates.comm_text(name.ljust(16, b"\0"))[:15] not in table
+
+
+def test_unknown_owner_dash_is_not_prefixed_either():
+    f = tcpstates.Formatter(args_for("-s", "-x"))
+    row = next(csv.reader([f.row(make_event(opid=0, flags=0))]))
+    assert row[-3:] == ["-", "-", "-"]
+
+
+def test_recursion_misses_from_prog_info():
+    raw = bytearray(256)
+    struct.pack_into("<Q", raw, 208, 12345)
+    assert tcpstates.parse_recursion_misses(bytes(raw), 232) == 12345
+    assert tcpstates.parse_recursion_misses(bytes(raw), 208) is None   # older kernel
