@@ -422,6 +422,10 @@ class Fatal(Exception):
     """A runtime failure with a one-line explanation: exit status 1."""
 
 
+class StoppedWhileWriting(Exception):
+    """A stop signal arrived while a write to stdout was blocked."""
+
+
 # ---------------------------------------------------------------------------
 # Pure helpers: no BCC, no root.
 # ---------------------------------------------------------------------------
@@ -958,13 +962,19 @@ def effective_caps():
 
 
 def check_privileges():
+    """What the tool really needs: CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN
+    on kernels before 5.8), as root (uid 0 owns tracefs, which BCC reads).
+    Checked before any compile work."""
     caps = effective_caps()
     has = lambda cap: bool(caps & (1 << cap))
-    if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))):
+    enough = has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+    if os.geteuid() != 0:
         raise Fatal("loading a BPF program needs root (CAP_BPF and CAP_PERFMON, "
                     "or CAP_SYS_ADMIN); run it with sudo")
-    if os.geteuid() != 0:
-        raise Fatal("reading tracefs and kernel headers needs root; run it with sudo")
+    if not enough:
+        raise Fatal("running as root but without CAP_BPF and CAP_PERFMON (or "
+                    "CAP_SYS_ADMIN), which loading a BPF program needs; allow them "
+                    "in the capability bounding set (CapabilityBoundingSet=)")
 
 
 def find_tracefs():
@@ -1014,9 +1024,10 @@ class _StderrCapture:
     diagnostics and "modprobe: not found" never reach the user raw."""
 
     def __enter__(self):
-        import tempfile
         sys.stderr.flush()
-        self.file = tempfile.TemporaryFile(mode="w+b")
+        # An anonymous memory file: no writable file system needed (the
+        # service runs with a read-only one).
+        self.file = os.fdopen(os.memfd_create("tcpstates-compile"), "w+b")
         self.saved = os.dup(2)
         os.dup2(self.file.fileno(), 2)
         return self
@@ -1084,6 +1095,7 @@ class Tracer:
         self.out = out
         self.formatter = Formatter(args)
         self.reorder = Reorderer()
+        self.writing = False
         self.journal = None
         if journal_sender is not None:
             self.journal = JournalWriter(self.formatter.clock, journal_sender, _error)
@@ -1181,7 +1193,6 @@ class Tracer:
     # -- the loop --------------------------------------------------------
     def run(self):
         self._write(self.formatter.header())
-        self.out.flush()
         poll = self.bpf.perf_buffer_poll
         consume = self.bpf.perf_buffer_consume
         clock = time.monotonic_ns
@@ -1225,7 +1236,6 @@ class Tracer:
         if self.write_rows:
             row = self.formatter.row
             self._write("".join([row(ev) for ev in ready]))
-            self.out.flush()
         self.printed += len(ready)
         if self.journal is not None:
             send = self.journal.event
@@ -1262,7 +1272,14 @@ class Tracer:
             self.journal.lost(new_lost + new_skipped, self.lost + self.skipped)
 
     def _write(self, text):
-        self.out.write(text)
+        # A stop signal that finds us blocked here (the reader of our output
+        # stopped reading) aborts the write: see request_stop.
+        self.writing = True
+        try:
+            self.out.write(text)
+            self.out.flush()
+        finally:
+            self.writing = False
 
     def summary(self):
         text = "summary: %d printed, %d lost" % (self.printed, self.lost)
@@ -1273,7 +1290,11 @@ class Tracer:
         return text
 
     def request_stop(self, signum, _frame=None):
+        # Normally the loop sees the flag within one poll interval, after
+        # writing out what it has read. Blocked in a write, it never would.
         self.stop_signal = signum
+        if self.writing:
+            raise StoppedWhileWriting(signum)
 
 
 # struct bpf_prog_info (include/uapi/linux/bpf.h): recursion_misses is the
@@ -1510,6 +1531,9 @@ def main(argv=None):
     except BrokenPipeError:
         _quiet_stdout()
         return 0
+    except StoppedWhileWriting:
+        # What could not be written cannot be; do not block again at exit.
+        _quiet_stdout()
     except KeyboardInterrupt:
         return 0
     except Fatal as exc:
