@@ -17,7 +17,7 @@ import tcpstates
 from helpers import (ACCEPTED_SEQUENCE, CLIENT_SEQUENCE, EVENTS_PER_SESSION,
                      LISTENER_SEQUENCE, TOOL, TracerRun, parse_csv,
                      rows_for_port, tcp_session)
-from test_unit import args_for, make_event, v6_event
+from test_unit import args_for, make_event, option_cflags, v6_event
 
 
 # -- unit: JSON ----------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_unknown_state_lists_the_valid_ones():
 
 
 def test_filter_cflags():
-    cflags = tcpstates.bpf_cflags(args_for("--from", "SYN_SENT", "--to", "close,estab",
+    cflags = option_cflags(args_for("--from", "SYN_SENT", "--to", "close,estab",
                                            "--min-span", "2.5"))
     assert cflags == ["-DFILTER_OLDSTATES=0x4U", "-DFILTER_NEWSTATES=0x82U",
                       "-DFILTER_MIN_SPAN_US=2500ULL"]

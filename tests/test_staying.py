@@ -101,9 +101,10 @@ def _run_main_with_traffic(argv):
 
 @live
 def test_failure_in_the_perf_callback_ends_the_run(monkeypatch, capsys):
-    def broken(raw):
+    def broken(fields):
         raise ValueError("injected fault")
-    monkeypatch.setattr(tcpstates, "decode_event", broken)
+    # the function the perf-buffer reader decodes every event with
+    monkeypatch.setattr(tcpstates, "_make_event", broken)
     assert _run_main_with_traffic(["-s"]) == 1
     err = capsys.readouterr().err
     assert err == "tcpstates: reading an event failed: ValueError: injected fault\n"
@@ -220,10 +221,14 @@ def test_spans_beyond_map_capacity_are_unknown_never_wrong():
             a.close()
         srv.close()
         want = 10 * n + 2
-        ok = tracer.wait_until(
-            lambda ls: len(helpers.rows_for_port(parse_csv(ls), port)) >= want, 30)
+        needle = ",%d," % port
+        ok = tracer.wait_until(lambda ls: sum(needle in l for l in ls) >= want, 30)
         assert tracer.stop() == 0 and ok
     rows = helpers.rows_for_port(parse_csv(tracer.snapshot()), port)
+    # Every event is printed or accounted for. (With the map this full the
+    # kernel does skip some: they are counted, not silently missing.)
+    numbers = helpers.summary(tracer.stderr)
+    assert len(rows) + numbers["skipped"] + numbers["lost"] == want
     last = {}
     unknown = checked = 0
     for r in rows:
@@ -235,9 +240,12 @@ def test_spans_beyond_map_capacity_are_unknown_never_wrong():
             unknown += 1
         elif ms > 0:
             assert prev is not None, r
-            assert abs((t_us - prev) - ms * 1000) <= 2, (r, t_us - prev)
-            checked += 1
-        last[key] = None if r["NEWSTATE"] == "CLOSE" else t_us
+            # the span runs from this socket's previous row, when that row is
+            # where it entered OLDSTATE (a skipped event breaks the chain)
+            if prev[1] == r["OLDSTATE"]:
+                assert abs((t_us - prev[0]) - ms * 1000) <= 2, (r, t_us - prev[0])
+                checked += 1
+        last[key] = None if r["NEWSTATE"] == "CLOSE" else (t_us, r["NEWSTATE"])
     assert unknown > 100          # the map really overflowed
     assert checked > 1000         # and many spans were still known, and exact
 

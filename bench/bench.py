@@ -1,0 +1,372 @@
+#!/usr/bin/python3
+"""Benchmark tcpstates side by side with other tracers of the same
+tracepoint, on the same loopback load, interleaved (A B C A B C ...).
+
+    /usr/bin/python3 bench/bench.py [--quick] [--out FILE]
+                                    [--tracer NAME=COMMAND ...]
+
+By default it compares this tcpstates (-s), Debian's upstream
+/usr/sbin/tcpstates-bpfcc -s, and a bpftrace one-liner printing a line per
+state change, installing bpfcc-tools and bpftrace if they are absent. For
+each it measures:
+
+  startup   process start -> ready: the output shows a probe connection
+            (a refused connect to a port of the benchmark's), made every
+            20 ms from the start, so "ready" means events are flowing;
+  ladder    the highest paced connection rate (bench/loadgen, 3 s at each
+            rung) at which every event on the benchmark's port was captured
+            (captured + reported lost = expected, lost = 0);
+  cpu       the tracer's own CPU time (user + system) per captured event at
+            fixed rates that every tracer keeps up with;
+  storm     the slowdown of a full-speed connection storm (60,000
+            connections) with the tracer attached, against none.
+
+Results: a table on stdout and a JSON file (bench/results/ by default) with
+the conditions of the run. Needs root. Not part of the test suite.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+PY = "/usr/bin/python3"
+BPFTRACE = ("bpftrace -e 'tracepoint:sock:inet_sock_set_state "
+            "{ printf(\"%d %d %d %d\\n\", args->sport, args->dport, "
+            "args->oldstate, args->newstate); }'")
+DEFAULT_TRACERS = [
+    ("tcpstates", "%s %s -s" % (PY, os.path.join(common.ROOT, "tcpstates.py"))),
+    ("upstream", "/usr/sbin/tcpstates-bpfcc -s"),
+    ("bpftrace", BPFTRACE),
+]
+EVENTS_PER_CONNECTION = 10
+LISTENER_EVENTS = 2
+
+
+def ensure_tools(tracers):
+    need = []
+    if any("tcpstates-bpfcc" in cmd for _n, cmd in tracers) and \
+            not os.path.exists("/usr/sbin/tcpstates-bpfcc"):
+        need.append("bpfcc-tools")
+    if any(cmd.startswith("bpftrace") for _n, cmd in tracers) and not shutil.which("bpftrace"):
+        need.append("bpftrace")
+    if need:
+        print("bench: installing %s" % " ".join(need), file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-qq"] + need, check=True,
+                       stdout=subprocess.DEVNULL, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def free_port():
+    import random
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def probe(port):
+    with socket.socket() as s:
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            pass
+
+
+class Running:
+    """One tracer process, its stdout and stderr in files."""
+
+    def __init__(self, command, workdir):
+        self.out_path = os.path.join(workdir, "out")
+        self.err_path = os.path.join(workdir, "err")
+        self.out = open(self.out_path, "wb")
+        self.err = open(self.err_path, "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(command, shell=True, stdout=self.out, stderr=self.err,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.pid = None
+
+    def tracer_pid(self):
+        """The tracer itself (the shell execs it, but be safe)."""
+        if self.pid is None:
+            try:
+                kids = open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)).read().split()
+            except OSError:
+                kids = []
+            self.pid = int(kids[0]) if kids else self.proc.pid
+        return self.pid
+
+    def count(self, port):
+        """Lines of output that mention the port."""
+        pattern = re.compile(rb"(?<![0-9a-fA-F])%d(?![0-9a-fA-F])" % port)
+        with open(self.out_path, "rb") as f:
+            return sum(1 for line in f if pattern.search(line))
+
+    def wait_ready(self, timeout=60):
+        port = free_port()
+        pattern = re.compile(rb"(?<![0-9a-fA-F])%d(?![0-9a-fA-F])" % port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe(port)
+            self.out.flush()
+            with open(self.out_path, "rb") as f:
+                if pattern.search(f.read()):
+                    return time.monotonic() - self.started
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise RuntimeError("tracer never became ready: %s" % open(self.err_path).read()[-500:])
+
+    def cpu(self):
+        return common.cpu_seconds(self.tracer_pid())
+
+    def wait_quiet(self, port, expected, timeout=30):
+        """Until the count reaches expected, or stops growing for 1.5 s."""
+        last, since = -1, time.monotonic()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            n = self.count(port)
+            if n >= expected:
+                return n
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since > 1.5:
+                return n
+            time.sleep(0.2)
+        return self.count(port)
+
+    def stop(self):
+        # SIGINT: the one signal all three end on cleanly (upstream loses
+        # its buffered output on SIGTERM).
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.out.close()
+        self.err.close()
+        return open(self.err_path, errors="replace").read() + open(self.out_path, errors="replace").read()[-2000:]
+
+
+def reported_lost(text):
+    """Lost events as each tracer reports them."""
+    lost = 0
+    m = re.search(r"summary: \d+ printed, (\d+) lost(?:, (\d+) skipped)?", text)
+    if m:
+        return int(m.group(1)) + int(m.group(2) or 0)
+    for m in re.finditer(r"Possibly lost (\d+) samples", text):        # BCC's reader
+        lost += int(m.group(1))
+    for m in re.finditer(r"Lost (\d+) events", text):                  # bpftrace
+        lost += int(m.group(1))
+    return lost
+
+
+def run_load(loadgen, port, *args):
+    proc = subprocess.run([loadgen, "-p", str(port)] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        raise RuntimeError("loadgen failed: %s" % proc.stderr)
+    return json.loads(proc.stdout)
+
+
+def traced(command, fn):
+    work = tempfile.mkdtemp(prefix="tcpstates-bench-")
+    run = Running(command, work)
+    try:
+        ready = run.wait_ready()
+        return fn(run, ready)
+    finally:
+        run.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_startup(tracers, reps):
+    results = {name: [] for name, _ in tracers}
+    for _ in range(reps):
+        for name, cmd in tracers:
+            results[name].append(traced(cmd, lambda run, ready: ready))
+    return {name: {"seconds": sorted(v), "median": sorted(v)[len(v) // 2]}
+            for name, v in results.items()}
+
+
+def rung(loadgen, command, rate, seconds):
+    port = free_port()
+
+    def body(run, _ready):
+        load = run_load(loadgen, port, "-r", rate, "-n", int(rate * seconds), "-d", seconds + 5)
+        expected = EVENTS_PER_CONNECTION * load["connections"] + LISTENER_EVENTS
+        captured = run.wait_quiet(port, expected)
+        return load, expected, captured, run
+
+    work = tempfile.mkdtemp(prefix="tcpstates-bench-")
+    run = Running(command, work)
+    try:
+        run.wait_ready()
+        load, expected, captured, _ = body(run, None)
+    finally:
+        text = run.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    lost = reported_lost(text)
+    return {"rate": rate, "achieved": round(load["rate"]), "expected": expected,
+            "captured": captured, "lost": lost, "ok": captured == expected and lost == 0}
+
+
+def measure_ladder(loadgen, tracers, rates, seconds):
+    results = {name: [] for name, _ in tracers}
+    failed = set()
+    for rate in rates:
+        for name, cmd in tracers:
+            if name in failed:
+                continue
+            r = rung(loadgen, cmd, rate, seconds)
+            results[name].append(r)
+            if not r["ok"]:
+                failed.add(name)
+        if len(failed) == len(tracers):
+            break
+    best = {}
+    for name, rows in results.items():
+        ok = [r["achieved"] for r in rows if r["ok"]]
+        best[name] = {"highest_loss_free_rate": max(ok) if ok else 0, "rungs": rows}
+    return best
+
+
+def measure_cpu(loadgen, tracers, rates, seconds):
+    results = {name: [] for name, _ in tracers}
+    for rate in rates:
+        for name, cmd in tracers:
+            port = free_port()
+
+            def body(run, _ready):
+                before = run.cpu()
+                load = run_load(loadgen, port, "-r", rate, "-n", int(rate * seconds),
+                                "-d", seconds + 5)
+                expected = EVENTS_PER_CONNECTION * load["connections"] + LISTENER_EVENTS
+                run.wait_quiet(port, expected)
+                used = run.cpu() - before
+                # every event the tracer saw, not only the load's
+                return used, expected
+            used, events = traced(cmd, body)
+            results[name].append({"rate": rate, "cpu_s": round(used, 3), "events": events,
+                                  "us_per_event": round(used / events * 1e6, 3)})
+    return {name: {"runs": rows,
+                   "us_per_event": round(sum(r["cpu_s"] for r in rows) * 1e6 /
+                                         sum(r["events"] for r in rows), 3)}
+            for name, rows in results.items()}
+
+
+def measure_storm(loadgen, tracers, connections, reps):
+    times = {name: [] for name in ["none"] + [n for n, _ in tracers]}
+    for _ in range(reps):
+        times["none"].append(run_load(loadgen, free_port(), "-n", connections, "-d", 120)["seconds"])
+        for name, cmd in tracers:
+            times[name].append(traced(cmd, lambda run, ready: run_load(
+                loadgen, free_port(), "-n", connections, "-d", 120)["seconds"]))
+    base = sorted(times["none"])[len(times["none"]) // 2]
+    out = {"none": {"seconds": times["none"], "median": base}}
+    for name, _ in tracers:
+        med = sorted(times[name])[len(times[name]) // 2]
+        out[name] = {"seconds": times[name], "median": med,
+                     "slowdown": round(med / base - 1, 3)}
+    return out
+
+
+def ratio(a, b):
+    return round(a / b, 3) if b else None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tracer", action="append", metavar="NAME=COMMAND",
+                   help="a tracer to compare (repeatable); the first is the one measured "
+                        "against the others")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and rungs")
+    p.add_argument("--out", help="JSON results file (default bench/results/bench-TIME.json)")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root (the tracers load BPF programs)")
+    tracers = DEFAULT_TRACERS
+    if args.tracer:
+        tracers = [tuple(t.split("=", 1)) for t in args.tracer]
+    ensure_tools(tracers)
+    subprocess.run(["bash", os.path.join(common.ROOT, "setup.sh")], check=True)
+    loadgen = common.build_loadgen()
+    conditions = common.machine()
+    conditions["tracers"] = dict(tracers)
+    conditions["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    reps = 3 if args.quick else 5
+    rates = [2000, 4000, 6000, 8000, 10000, 12000, 14000, 16000, 20000]
+    if args.quick:
+        rates = [2000, 6000, 10000, 14000]
+    print("bench: start-up", file=sys.stderr)
+    startup = measure_startup(tracers, reps)
+    print("bench: loss-free rate ladder", file=sys.stderr)
+    ladder = measure_ladder(loadgen, tracers, rates, 3)
+    print("bench: CPU per event", file=sys.stderr)
+    cpu = measure_cpu(loadgen, tracers, [1000, 3000], 4)
+    print("bench: full-speed storm", file=sys.stderr)
+    storm = measure_storm(loadgen, tracers, 60000, 3 if args.quick else 5)
+    conditions["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+
+    first = tracers[0][0]
+    table = []
+    for name, _ in tracers:
+        table.append({
+            "tracer": name,
+            "startup_s": startup[name]["median"],
+            "loss_free_rate": ladder[name]["highest_loss_free_rate"],
+            "cpu_us_per_event": cpu[name]["us_per_event"],
+            "storm_slowdown": storm[name]["slowdown"],
+        })
+    ratios = {}
+    for row in table[1:]:
+        ratios["%s/%s" % (first, row["tracer"])] = {
+            "startup": ratio(table[0]["startup_s"], row["startup_s"]),
+            "loss_free_rate": ratio(table[0]["loss_free_rate"], row["loss_free_rate"]),
+            "cpu_per_event": ratio(table[0]["cpu_us_per_event"], row["cpu_us_per_event"]),
+            "storm_slowdown": ratio(table[0]["storm_slowdown"], row["storm_slowdown"]),
+        }
+    result = {"conditions": conditions, "summary": table, "ratios": ratios,
+              "startup": startup, "ladder": ladder, "cpu": cpu, "storm": storm}
+    out = args.out or os.path.join(HERE, "results", "bench-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+    print("conditions: %s, %s CPUs, kernel %s, load before %s after %s"
+          % (conditions.get("cpu"), conditions.get("cpus"), conditions.get("kernel"),
+             " ".join(conditions.get("loadavg_before", [])), " ".join(conditions["loadavg_after"])))
+    print("%-10s %11s %16s %15s %15s" % ("tracer", "startup s", "loss-free conn/s",
+                                          "CPU us/event", "storm slowdown"))
+    for row in table:
+        print("%-10s %11.3f %16d %15.3f %14.1f%%" % (row["tracer"], row["startup_s"],
+                                                     row["loss_free_rate"],
+                                                     row["cpu_us_per_event"],
+                                                     row["storm_slowdown"] * 100))
+    for pair, r in ratios.items():
+        print("%-22s startup %sx  loss-free rate %sx  CPU/event %sx  storm slowdown %sx"
+              % (pair, r["startup"], r["loss_free_rate"], r["cpu_per_event"], r["storm_slowdown"]))
+    print("results: %s" % out)
+
+
+if __name__ == "__main__":
+    main()
