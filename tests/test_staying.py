@@ -85,6 +85,8 @@ def test_kernel_skips_are_read_from_the_program():
 
 # -- errors in the event path ----------------------------------------------
 def _run_main_with_traffic(argv):
+    # (stops itself after 60 connections and ~10 s, should the failure not come)
+    argv = argv + ["--duration", "10"]
     def traffic():
         for _ in range(60):
             tcp_session()
@@ -101,10 +103,10 @@ def _run_main_with_traffic(argv):
 
 @live
 def test_failure_in_the_perf_callback_ends_the_run(monkeypatch, capsys):
-    def broken(fields):
+    def broken(chunk, sink):
         raise ValueError("injected fault")
-    # the function the perf-buffer reader decodes every event with
-    monkeypatch.setattr(tcpstates, "_make_event", broken)
+    # the function the perf-buffer reader decodes every run of records with
+    monkeypatch.setattr(tcpstates, "parse_records", broken)
     assert _run_main_with_traffic(["-s"]) == 1
     err = capsys.readouterr().err
     assert err == "tcpstates: reading an event failed: ValueError: injected fault\n"
@@ -113,9 +115,9 @@ def test_failure_in_the_perf_callback_ends_the_run(monkeypatch, capsys):
 
 @live
 def test_failure_while_formatting_is_one_line(monkeypatch, capsys):
-    def broken(self, ev):
+    def broken(ev):
         raise RuntimeError("format fault")
-    monkeypatch.setattr(tcpstates.Formatter, "row_fields", broken)
+    monkeypatch.setattr(tcpstates.Formatter, "_fast_row", lambda self: broken)
     assert _run_main_with_traffic([]) == 1
     assert capsys.readouterr().err == "tcpstates: internal error: RuntimeError: format fault\n"
 

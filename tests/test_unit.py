@@ -363,3 +363,38 @@ def test_recursion_misses_from_prog_info():
     struct.pack_into("<Q", raw, 208, 12345)
     assert tcpstates.parse_recursion_misses(bytes(raw), 232) == 12345
     assert tcpstates.parse_recursion_misses(bytes(raw), 208) is None   # older kernel
+
+
+# -- the fast row functions match the reference ---------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+EVENTS = st.builds(
+    lambda fam, a, b, comm, ocomm, ts, span, flags, old, new, pid, opid, lp, rp, sk:
+        (ts, sk, span, pid, opid, lp, rp, fam,
+         old, new, flags,
+         a if fam == socket.AF_INET6 else a[:4] + b"\0" * 12,
+         b if fam == socket.AF_INET6 else b[:4] + b"\0" * 12,
+         comm, ocomm),
+    st.sampled_from([socket.AF_INET, socket.AF_INET6]),
+    st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
+    st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
+    st.integers(0, 2 ** 50), st.integers(0, 2 ** 40), st.integers(0, 7),
+    st.integers(0, 20), st.integers(0, 20), st.integers(0, 2 ** 22), st.integers(1, 2 ** 22),
+    st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2 ** 64 - 1))
+MODES = [[], ["-w"], ["-T", "-t"], ["-x"], ["-w", "-x", "-T"], ["-s"], ["-s", "-T", "-t"],
+         ["-s", "-x"], ["-j"]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(EVENTS, min_size=1, max_size=5))
+def test_fast_rows_equal_reference_rows(events):
+    events.sort()
+    for argv in MODES:
+        clock = tcpstates.Clock()
+        fast = tcpstates.Formatter(args_for(*argv), clock)
+        ref = tcpstates.Formatter(args_for(*argv), tcpstates.Clock())
+        ref.clock.wall_minus_mono = clock.wall_minus_mono
+        for f in (fast, ref):
+            f.cgroups.get = lambda pid: "/cg,\"%d" % pid
+        for ev in events:
+            assert fast.row(ev) == ref.reference_row(ev), (argv, ev)
