@@ -425,7 +425,7 @@ DESTROY_TRACEPOINT = "tcp:tcp_destroy_sock"     # Linux 4.16; optional
 TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
 DEFAULT_PERF_PAGES = 256        # per CPU: 1 MiB, about 10,000 events
 POLL_TIMEOUT_MS = 50            # a lone event shows within about this long
-WAKEUP_EVENTS = 16              # reader wake-ups: one per this many events
+WAKEUP_EVENTS = 64              # reader wake-ups: one per this many events
 REORDER_MARGIN_NS = 2_000_000   # see Reorderer
 WRITE_GRACE_S = 2.0             # see Tracer.request_stop
 

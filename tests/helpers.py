@@ -142,6 +142,22 @@ class TracerRun:
             time.sleep(0.02)
         return False
 
+    def settle(self, count, want, timeout=30, quiet=1.0):
+        """Wait until count(lines) reaches want, or stops growing for
+        `quiet` seconds (events the kernel skipped never arrive)."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = count(self.snapshot())
+            if n >= want:
+                return n
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since > quiet:
+                return n
+            time.sleep(0.1)
+        return count(self.snapshot())
+
     def stop(self, sig=signal.SIGINT, timeout=10):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
