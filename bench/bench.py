@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket

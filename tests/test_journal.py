@@ -15,7 +15,7 @@ import pytest
 import helpers
 import tcpstates
 from helpers import ROOT, TOOL, TracerRun, parse_csv, rows_for_port, tcp_session
-from test_unit import args_for, make_event, v6_event
+from test_unit import make_event, v6_event
 
 UNDERSCORE = re.compile(r"^_")
 
@@ -236,9 +236,8 @@ def test_service_style_run_discards_stdout_but_records_everything():
                             preexec_fn=helpers.default_sigint)
     try:
         deadline = time.monotonic() + 30
-        session = None
         while time.monotonic() < deadline:       # ready when a connection shows up
-            session = tcp_session(port=port)
+            tcp_session(port=port)
             if read_journal(proc.pid):
                 break
             time.sleep(0.3)

@@ -3,11 +3,9 @@ transition filters in the kernel, bounded runs."""
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 import helpers
 import tcpstates
 from helpers import (ACCEPTED_SEQUENCE, CLIENT_SEQUENCE, EVENTS_PER_SESSION,
-                     LISTENER_SEQUENCE, TOOL, TracerRun, parse_csv,
+                     LISTENER_SEQUENCE, TracerRun, parse_csv,
                      rows_for_port, tcp_session)
 from test_unit import args_for, make_event, option_cflags, v6_event
 
@@ -273,7 +271,6 @@ def test_min_span_filter():
 
 @live
 def test_duration_ends_the_run_on_time():
-    start = time.monotonic()
     tracer = TracerRun("-s", "--duration", "1.5")
     ready = time.monotonic()
     session = tcp_session()
