@@ -412,9 +412,8 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 
 # struct event, as laid out above (little-endian, no implicit padding).
 EVENT_STRUCT = struct.Struct("<QQQIIHHHHHH16s16s16s16s4x")
-SPAN_KNOWN = 1
-OWNER_KNOWN = 2
-OWNER_INHERITED = 4
+SPAN_KNOWN = 1          # event.flags, as in the C program (OWNER_INHERITED,
+OWNER_KNOWN = 2         # 4, is set there but not shown)
 
 Event = collections.namedtuple("Event", (
     "ts_ns", "skaddr", "span_us", "pid", "opid", "lport", "rport", "family",
@@ -422,6 +421,7 @@ Event = collections.namedtuple("Event", (
 
 TRACEPOINT = "sock:inet_sock_set_state"
 DESTROY_TRACEPOINT = "tcp:tcp_destroy_sock"     # Linux 4.16; optional
+DESTROY_HOOK_FLAG = "-DHAVE_TCP_DESTROY_SOCK=1"
 TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
 DEFAULT_PERF_PAGES = 256        # per CPU: 1 MiB, about 10,000 events
 POLL_TIMEOUT_MS = 50            # a lone event shows within about this long
@@ -494,7 +494,7 @@ def bpf_cflags(args):
     if getattr(args, "max_sockets", None):
         flags.append("-DMAX_SOCKETS=%d" % args.max_sockets)
     if tracepoint_exists(DESTROY_TRACEPOINT):
-        flags.append("-DHAVE_TCP_DESTROY_SOCK=1")
+        flags.append(DESTROY_HOOK_FLAG)
     return flags
 
 
@@ -525,20 +525,11 @@ def existing_listeners(proc="/proc"):
     return dict(found)
 
 
-def decode_event(raw):
-    """Decode one perf record (bytes) into an Event."""
-    return Event._make(EVENT_STRUCT.unpack_from(raw))
-
-
 def as_event(ev):
     """Events travel as plain tuples in Event's field order (the readers
     make them in one C call); the slower paths name the fields."""
     return ev if isinstance(ev, Event) else Event._make(ev)
 
-
-# Field positions in an event tuple, for the per-event fast paths.
-(E_TS, E_SKADDR, E_SPAN, E_PID, E_OPID, E_LPORT, E_RPORT, E_FAMILY, E_OLD,
- E_NEW, E_FLAGS, E_LADDR, E_RADDR, E_COMM, E_OCOMM) = range(15)
 
 
 def safe_text(text):
@@ -565,20 +556,15 @@ def safe_text(text):
     return "".join(out)
 
 
-_comm_cache = {}
+def _comm_text(raw):
+    name = raw.split(b"\0", 1)[0]
+    return safe_text(name.decode("utf-8", "surrogateescape"))
 
 
 def comm_text(raw):
     """A kernel task name (NUL-padded bytes) as terminal-safe text. Invalid
     UTF-8 bytes show as \\xNN. Cached: a host has few distinct names."""
-    text = _comm_cache.get(raw)
-    if text is None:
-        if len(_comm_cache) > 4096:
-            _comm_cache.clear()
-        name = raw.split(b"\0", 1)[0]
-        text = safe_text(name.decode("utf-8", "surrogateescape"))
-        _comm_cache[raw] = text
-    return text
+    return COMM_TEXTS[raw]
 
 
 def address_text(family, raw):
@@ -696,10 +682,8 @@ class Formatter:
         # FORMULA_STARTS.
         self.csv_guard = ()
         if self.csv:
-            titles = self.header_fields()
-            self.csv_guard = tuple(i for i, t in enumerate(titles)
+            self.csv_guard = tuple(i for i, t in enumerate(self.header_fields())
                                    if t in ("C-COMM", "O-COMM", "CGROUP"))
-        if self.csv:
             self._rows = []
             self._writer = csv.writer(_ListWriter(self._rows),
                                       lineterminator="\n")
@@ -765,7 +749,7 @@ class Formatter:
                 return unknown_owner
         else:
             w = self.wide
-            cc = _Cache(comm_text)
+            cc = COMM_TEXTS
             # The table's conversions, numeric where the value is a number;
             # "%.0s" takes the IP version and prints nothing (narrow mode).
             core = " ".join([
@@ -792,6 +776,7 @@ class Formatter:
                     st[ev[8]], st[ev[9]], ev[2] / 1000)
 
         if not (pre or post):
+            # fields() inlined: the common case, one call less per event
             def plain_row(ev):
                 if ev[7] == af_inet:
                     la, ra, ip = a4[ev[11]], a4[ev[12]], "4"
@@ -958,6 +943,9 @@ class _Cache(dict):
             self.clear()
         value = self[key] = self.compute(key)
         return value
+
+
+COMM_TEXTS = _Cache(_comm_text)
 
 
 def csv_cell(text):
@@ -1180,7 +1168,7 @@ def import_bcc():
 
 
 class _StderrCapture:
-    """Sends fd 2 to a temporary file while BCC compiles, so that clang's
+    """Sends fd 2 to a memory file while BCC compiles, so that clang's
     diagnostics and "modprobe: not found" never reach the user raw."""
 
     def __enter__(self):
@@ -1209,10 +1197,7 @@ class _StderrCapture:
 
 
 # ---------------------------------------------------------------------------
-# The runtime.
-# ---------------------------------------------------------------------------
-# ---------------------------------------------------------------------------
-# Reading the perf buffers.
+# The runtime: reading the perf buffers.
 # ---------------------------------------------------------------------------
 PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_BPF_OUTPUT = 10
@@ -1464,10 +1449,10 @@ class Tracer:
             def _trace_autoload(self):
                 pass
 
+        cflags = bpf_cflags(self.args)
         with _StderrCapture() as capture:
             try:
-                self.bpf = _BPF(text=BPF_PROGRAM.encode(),
-                                cflags=bpf_cflags(self.args))
+                self.bpf = _BPF(text=BPF_PROGRAM.encode(), cflags=cflags)
             except Exception:
                 self.bpf = None
         if self.bpf is None:
@@ -1476,18 +1461,12 @@ class Tracer:
                         "kernel headers match (see setup.sh)"
                         % (": " + detail if detail else ""))
         try:
+            # Everything the program reads or writes is in place before it
+            # is attached: the maps filled, and the perf rings open (an event
+            # submitted to a CPU without one would vanish uncounted).
             self._seed_listeners()
             self._fill_port_map("local_ports", self.args.localport)
             self._fill_port_map("remote_ports", self.args.remoteport)
-            fn = self.bpf.load_func(b"tracepoint__sock__inet_sock_set_state",
-                                    bcc.BPF.TRACEPOINT)
-            self.prog_fd = fn.fd
-            self.skipped_known = prog_recursion_misses(fn.fd) is not None
-            self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=fn.name)
-            if "-DHAVE_TCP_DESTROY_SOCK=1" in bpf_cflags(self.args):
-                fn = self.bpf.load_func(b"tracepoint__tcp__tcp_destroy_sock",
-                                        bcc.BPF.TRACEPOINT)
-                self.bpf.attach_tracepoint(tp=DESTROY_TRACEPOINT.encode(), fn_name=fn.name)
             table = self.bpf[b"events"]
             if os.uname().machine in PERF_EVENT_OPEN:
                 from bcc.utils import get_online_cpus
@@ -1495,6 +1474,15 @@ class Tracer:
                                        WAKEUP_EVENTS)
             else:
                 self.rings = BccRings(self.bpf, table, self.args.perf_pages, WAKEUP_EVENTS)
+            fn = self.bpf.load_func(b"tracepoint__sock__inet_sock_set_state",
+                                    bcc.BPF.TRACEPOINT)
+            self.prog_fd = fn.fd
+            self.skipped_known = prog_recursion_misses(fn.fd) is not None
+            self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=fn.name)
+            if DESTROY_HOOK_FLAG in cflags:
+                fn = self.bpf.load_func(b"tracepoint__tcp__tcp_destroy_sock",
+                                        bcc.BPF.TRACEPOINT)
+                self.bpf.attach_tracepoint(tp=DESTROY_TRACEPOINT.encode(), fn_name=fn.name)
         except Exception as exc:
             self.close()
             raise Fatal("loading or attaching the BPF program failed: %s"
@@ -1562,7 +1550,7 @@ class Tracer:
     def _consume(self):
         try:
             self.lost += self.rings.consume(self.reorder.sink)
-        except (Fatal, StoppedWhileWriting, KeyboardInterrupt):
+        except (Fatal, StoppedWhileWriting):
             raise
         except Exception as exc:
             raise Fatal("reading an event failed: %s: %s"

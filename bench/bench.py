@@ -192,21 +192,24 @@ def run_load(loadgen, port, *args):
 
 
 def traced(command, fn):
+    """Start a tracer, wait until it is ready, return (fn(run, ready), what
+    the tracer said on stopping)."""
     work = tempfile.mkdtemp(prefix="tcpstates-bench-")
     run = Running(command, work)
     try:
         ready = run.wait_ready()
-        return fn(run, ready)
+        value = fn(run, ready)
     finally:
-        run.stop()
+        text = run.stop()
         shutil.rmtree(work, ignore_errors=True)
+    return value, text
 
 
 def measure_startup(tracers, reps):
     results = {name: [] for name, _ in tracers}
     for _ in range(reps):
         for name, cmd in tracers:
-            results[name].append(traced(cmd, lambda run, ready: ready))
+            results[name].append(traced(cmd, lambda run, ready: ready)[0])
     return {name: {"seconds": sorted(v), "median": sorted(v)[len(v) // 2]}
             for name, v in results.items()}
 
@@ -217,17 +220,9 @@ def rung(loadgen, command, rate, seconds):
     def body(run, _ready):
         load = run_load(loadgen, port, "-r", rate, "-n", int(rate * seconds), "-d", seconds + 5)
         expected = EVENTS_PER_CONNECTION * load["connections"] + LISTENER_EVENTS
-        captured = run.wait_quiet(port, expected)
-        return load, expected, captured, run
+        return load, expected, run.wait_quiet(port, expected)
 
-    work = tempfile.mkdtemp(prefix="tcpstates-bench-")
-    run = Running(command, work)
-    try:
-        run.wait_ready()
-        load, expected, captured, _ = body(run, None)
-    finally:
-        text = run.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    (load, expected, captured), text = traced(command, body)
     lost = reported_lost(text)
     return {"rate": rate, "achieved": round(load["rate"]), "expected": expected,
             "captured": captured, "lost": lost, "ok": captured == expected and lost == 0}
@@ -268,7 +263,7 @@ def measure_cpu(loadgen, tracers, rates, seconds):
                 used = run.cpu() - before
                 # every event the tracer saw, not only the load's
                 return used, expected
-            used, events = traced(cmd, body)
+            (used, events), _ = traced(cmd, body)
             results[name].append({"rate": rate, "cpu_s": round(used, 3), "events": events,
                                   "us_per_event": round(used / events * 1e6, 3)})
     return {name: {"runs": rows,
@@ -288,7 +283,7 @@ def measure_storm(loadgen, tracers, connections, reps):
                                             "-d", 120)["seconds"])
             else:
                 times[name].append(traced(cmd, lambda run, ready: run_load(
-                    loadgen, free_port(), "-n", connections, "-d", 120)["seconds"]))
+                    loadgen, free_port(), "-n", connections, "-d", 120)["seconds"])[0])
     base = sorted(times["none"])[len(times["none"]) // 2]
     out = {"none": {"seconds": times["none"], "median": base}}
     for name, _ in tracers:

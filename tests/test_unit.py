@@ -85,7 +85,7 @@ def test_event_struct_matches_the_c_layout():
     assert names == list(tcpstates.Event._fields) + ["pad"]
     raw = struct.pack("<QQQIIHHHHHH16s16s16s16sI", 1, 2, 3, 4, 11, 5, 6, 10, 7, 2, 1,
                       b"a" * 16, b"b" * 16, b"comm", b"owner", 0)
-    ev = tcpstates.decode_event(raw)
+    ev = tcpstates.Event._make(tcpstates.EVENT_STRUCT.unpack_from(raw))
     assert (ev.ts_ns, ev.skaddr, ev.span_us, ev.pid, ev.opid, ev.lport, ev.rport) == (
         1, 2, 3, 4, 11, 5, 6)
     assert (ev.family, ev.oldstate, ev.newstate, ev.flags) == (10, 7, 2, 1)
@@ -182,7 +182,7 @@ def test_escaping_is_unambiguous():
 def test_comm_cache_is_bounded():
     for i in range(10000):
         tcpstates.comm_text(b"p%d" % i)
-    assert len(tcpstates._comm_cache) <= 4097
+    assert len(tcpstates.COMM_TEXTS) <= 4096
 
 
 # -- BPF configuration -------------------------------------------------------
@@ -398,3 +398,48 @@ def test_fast_rows_equal_reference_rows(events):
             f.cgroups.get = lambda pid: "/cg,\"%d" % pid
         for ev in events:
             assert fast.row(ev) == ref.reference_row(ev), (argv, ev)
+
+
+# -- reading perf rings ---------------------------------------------------------
+def sample_record(ev):
+    rec = struct.pack("<IHHI", tcpstates.PERF_RECORD_SAMPLE, 0, tcpstates.SAMPLE_SIZE,
+                      tcpstates.EVENT_STRUCT.size + 4) + tcpstates.EVENT_STRUCT.pack(*ev)
+    return rec.ljust(tcpstates.SAMPLE_SIZE, b"\0")
+
+
+def lost_record(n):
+    return struct.pack("<IHHQQ", tcpstates.PERF_RECORD_LOST, 0, 24, 1, n)
+
+
+def test_parse_records_fast_and_slow_paths():
+    evs = [tuple(make_event(ts_ns=i, lport=i)) for i in range(1, 6)]
+    sink = []
+    assert tcpstates.parse_records(b"".join(map(sample_record, evs)), sink) == 0
+    assert sink == evs                                   # one iter_unpack call
+    sink = []
+    mixed = sample_record(evs[0]) + lost_record(7) + sample_record(evs[1]) + lost_record(3)
+    assert tcpstates.parse_records(mixed, sink) == 10
+    assert sink == evs[:2]
+    sink = []
+    assert tcpstates.parse_records(b"\x09\0\0\0\0\0\0\0garbage", sink) == 0   # size 0: stop
+    assert sink == []
+
+
+def test_ring_consume_handles_wraparound():
+    """PerfRings.consume on a fake ring (a bytearray laid out like the
+    kernel's mmap: one metadata page, then the data pages)."""
+    page, size = tcpstates.PAGE_SIZE, tcpstates.PAGE_SIZE
+    ring = bytearray(page + size)
+    evs = [tuple(make_event(ts_ns=i)) for i in range(1, 4)]
+    data = sample_record(evs[0]) + lost_record(5) + sample_record(evs[1]) + sample_record(evs[2])
+    tail = size - 100                      # the run wraps past the ring's end
+    for i, byte in enumerate(data):
+        ring[page + (tail + i) % size] = byte
+    struct.pack_into("<QQ", ring, 1024, tail + len(data), tail)     # data_head, data_tail
+    rings = tcpstates.PerfRings.__new__(tcpstates.PerfRings)
+    rings.rings = [(None, ring, size)]
+    sink = []
+    assert rings.consume(sink) == 5
+    assert sink == evs
+    assert struct.unpack_from("<Q", ring, 1032)[0] == tail + len(data)   # tail advanced
+    assert rings.consume(sink) == 0 and len(sink) == 3                  # nothing new
