@@ -141,16 +141,35 @@ def test_install_puts_files_where_a_distribution_would(installed):
     assert os.access(installed / "usr/sbin/tcpstates", os.X_OK)
 
 
+def verify_unit(root, unit, manpath):
+    """systemd-analyze verify, with `man` looking only in `manpath`: it runs
+    `man tcpstates(8)` for Documentation=, which ignores --root."""
+    env = dict(os.environ, MANPATH=str(manpath))
+    return subprocess.run(["systemd-analyze", "--root=%s" % root, "verify", str(unit)],
+                          capture_output=True, text=True, env=env)
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-def test_unit_file_verifies_clean(installed):
+def test_unit_file_verifies_clean(installed, tmp_path):
+    if shutil.which("man") is None:
+        pytest.skip("no man (package man-db): Documentation=man:tcpstates(8) cannot be checked")
     units = installed / "usr/lib/systemd/system"
     for unit in os.listdir("/lib/systemd/system"):
         src = os.path.join("/lib/systemd/system", unit)
         if not (units / unit).exists() and os.path.isfile(src):
             shutil.copy(src, units / unit)
-    proc = subprocess.run(["systemd-analyze", "--root=%s" % installed, "verify",
-                           str(units / "tcpstates.service")], capture_output=True, text=True)
+    manpath = installed / "usr/share/man"
+    # The installed page is the one man finds, not a copy elsewhere.
+    found = subprocess.run(["man", "-w", "8", "tcpstates"], capture_output=True, text=True,
+                           env=dict(os.environ, MANPATH=str(manpath)))
+    assert found.stdout.strip() == str(manpath / "man8/tcpstates.8"), found.stderr
+    proc = verify_unit(installed, units / "tcpstates.service", manpath)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    # The doc link is really checked: without the page, verify fails.
+    (tmp_path / "man").mkdir()
+    proc = verify_unit(installed, units / "tcpstates.service", tmp_path / "man")
+    assert proc.returncode != 0
+    assert "man tcpstates(8)" in proc.stderr, proc.stderr
     unit = (units / "tcpstates.service").read_text()
     assert "ExecStart=/usr/sbin/tcpstates -Y\n" in unit
     # stdout would reach the journal too: each event stored twice.
