@@ -69,30 +69,62 @@ def journald_listening():
         sock.close()
 
 
+JOURNAL_DIRS = ("/run/systemd", "/run/systemd/journal")
+
+
+def journal_entries():
+    """Every path journald's sockets live in or under, that exists now."""
+    found = {d for d in JOURNAL_DIRS if os.path.lexists(d)}
+    for top, dirs, files in os.walk("/run/systemd/journal"):
+        found.update(os.path.join(top, n) for n in dirs + files)
+    return found
+
+
+def remove_new_entries(before):
+    """Remove what journal_entries() shows now that was not in `before`:
+    the sockets (socket, stdout, dev-log, io.systemd.journal), kernel-seqnum
+    and directories a journald started here made. What existed before, even
+    a stale socket, is left alone; so is the journal data in /run/log."""
+    for path in sorted(journal_entries() - set(before), key=len, reverse=True):
+        if os.path.isdir(path) and not os.path.islink(path):
+            try:
+                os.rmdir(path)      # only if empty: never another's files
+            except OSError:
+                pass
+        else:
+            os.unlink(path)
+
+
 @pytest.fixture(scope="session")
 def journald():
     """A running journald: the machine's, or one started here (and stopped
-    again at the end; one that was already running is left alone)."""
+    again at the end, with the sockets it made removed, so that nothing
+    later mistakes them for a running journald; one that was already running
+    is left alone)."""
     problem = live_problem()
     if problem:
         pytest.skip("journal test needs the real kernel: " + problem)
-    started = None
-    if not journald_listening():
-        if not os.access(JOURNALD, os.X_OK):
-            pytest.skip("no %s (package systemd)" % JOURNALD)
-        started = subprocess.Popen([JOURNALD], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
+    if journald_listening():
+        yield
+        return
+    if not os.access(JOURNALD, os.X_OK):
+        pytest.skip("no %s (package systemd)" % JOURNALD)
+    before = journal_entries()
+    started = subprocess.Popen([JOURNALD], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
         deadline = time.monotonic() + 10
         while not journald_listening():
             if time.monotonic() > deadline or started.poll() is not None:
-                started.kill()
                 pytest.fail("systemd-journald did not start")
             time.sleep(0.05)
-    yield
-    if started is not None:
+        yield
+    finally:
         started.terminate()
         try:
             started.wait(10)
         except subprocess.TimeoutExpired:
             started.kill()
+            started.wait()
+        remove_new_entries(before)
