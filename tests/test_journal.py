@@ -249,23 +249,45 @@ def test_records_reach_journald_ipv4_and_ipv6():
 
 @pytest.mark.usefixtures("journald")
 def test_service_style_run_discards_stdout_but_records_everything():
+    probe = helpers.free_port()
     port = helpers.free_port()
-    proc = subprocess.Popen([sys.executable, TOOL, "-Y", "-L", str(port)],
+    while port == probe:
+        port = helpers.free_port()
+    proc = subprocess.Popen([sys.executable, TOOL, "-Y", "-L", "%d,%d" % (probe, port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             preexec_fn=helpers.default_sigint)
     try:
+        # Ready when a probe connection shows up; the tracer may attach in
+        # the middle of one, so the probe's records are not counted.
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:       # ready when a connection shows up
-            tcp_session(port=port)
-            if read_journal(proc.pid):
+        while time.monotonic() < deadline and proc.poll() is None:
+            tcp_session(port=probe)
+            if wait_journal(proc.pid, 1, "OBJECT_TCP_SOURCE_PORT=%d" % probe, timeout=0.3):
                 break
-            time.sleep(0.3)
+        assert read_journal(proc.pid), "tracer never recorded a probe connection"
+        # One whole session on a fresh port, traced from its start.
+        tcp_session(port=port)
         records = wait_journal(proc.pid, 7, "OBJECT_TCP_SOURCE_PORT=%d" % port)
+        time.sleep(0.3)                           # nothing more may come
     finally:
         proc.send_signal(signal.SIGTERM)
         err = proc.communicate(timeout=10)[1].decode()
     assert proc.returncode == 0, err
-    assert len(read_journal(proc.pid)) % 7 == 0 and records
+    records = read_journal(proc.pid, "OBJECT_TCP_SOURCE_PORT=%d" % port)
+    # -L: the listener (2) and the accepted socket (5); the client's local
+    # port is an ephemeral one.
+    by_socket = {}
+    for r in records:
+        by_socket.setdefault(r["TCPSTATES_SOCKET"], []).append(
+            (r["OBJECT_TCP_OLD_STATE"], r["OBJECT_TCP_NEW_STATE"]))
+    assert len(records) == 7, by_socket
+    assert sorted(by_socket.values()) == sorted([helpers.LISTENER_SEQUENCE,
+                                                 helpers.ACCEPTED_SEQUENCE])
+    # Everything printed (to /dev/null) is in the journal, and nothing else.
+    everything = read_journal(proc.pid)
+    assert {r["OBJECT_TCP_SOURCE_PORT"] for r in everything} == {str(probe), str(port)}
+    assert helpers.summary(err)["printed"] == len(everything)
+    assert helpers.summary(err)["unsent"] == 0
 
 
 def test_journald_not_running_is_one_line():
