@@ -6,10 +6,12 @@ import ctypes
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -262,9 +264,17 @@ def test_pipe_to_head_ends_quietly():
 
 
 def test_non_root_gets_one_line():
-    proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         sys.executable, TOOL], capture_output=True, timeout=30)
+    # The clone may sit where nobody (65534) cannot enter: run a copy of the
+    # tool from a directory that user can read, so the tool's own check is
+    # what answers, not "can't open file".
+    with tempfile.TemporaryDirectory(prefix="tcpstates-nonroot-", dir="/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        tool = os.path.join(tmp, "tcpstates.py")
+        shutil.copyfile(TOOL, tool)
+        os.chmod(tool, 0o644)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, tool], capture_output=True, timeout=30, cwd=tmp)
     assert proc.returncode == 1
     lines = proc.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tcpstates: ")
