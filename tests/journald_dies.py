@@ -22,6 +22,15 @@ def main():
     port = int(sys.argv[1])
     journald = subprocess.Popen(["/lib/systemd/systemd-journald"], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run(port, journald)
+    finally:                    # never left running when something failed
+        if journald.poll() is None:
+            journald.kill()
+            journald.wait()
+
+
+def run(port, journald):
     deadline = time.monotonic() + 10
     while not os.path.exists("/run/systemd/journal/socket") and time.monotonic() < deadline:
         time.sleep(0.05)

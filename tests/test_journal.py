@@ -293,8 +293,7 @@ def test_service_style_run_discards_stdout_but_records_everything():
 def test_journald_not_running_is_one_line():
     proc = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         'mkdir -p /run/systemd/journal && mount -t tmpfs none /run/systemd/journal && '
-         'exec "$0" "$1" -Y', sys.executable, TOOL], capture_output=True, text=True, timeout=60)
+         'mount -t tmpfs none /run && exec "$0" "$1" -Y', sys.executable, TOOL], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         "tcpstates: -Y: journald is not running (nothing listens on "
@@ -305,14 +304,27 @@ def test_journald_not_running_is_one_line():
 @pytest.mark.usefixtures("live")
 def test_journald_dying_mid_run_is_survived():
     port = helpers.free_port()
-    script = ("for d in /run/systemd/journal /run/log/journal /var/log/journal; do "
-              "mkdir -p $d && mount -t tmpfs tmpfs $d || exit 9; done; "
+    # Private tmpfs over /run (and /var/log/journal if the host has one):
+    # the host's journal, sockets and directories stay untouched.
+    script = ("mount -t tmpfs tmpfs /run || exit 9; "
+              "if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal || exit 9; fi; "
               'exec "$0" "$1" "$2"')
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                           sys.executable, os.path.join(ROOT, "tests", "journald_dies.py"),
-                           str(port)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    # Its own process group: on a timeout the journald and tracer it
+    # started are killed with it, not left running.
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                             sys.executable, os.path.join(ROOT, "tests", "journald_dies.py"),
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
     assert report["journal_before"] == 7
     assert report["rc"] == 0
     assert report["rows"] == 14
