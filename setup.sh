@@ -21,11 +21,12 @@ fi
 # --- Debian packages -------------------------------------------------------
 # python3-bpfcc: BCC's Python bindings; python3-systemd: journal output (-Y);
 # pytest and hypothesis for the tests, all for Debian's own /usr/bin/python3;
-# systemd-journal-remote for the journal forwarding test; make and groff for
-# the install and man page tests; gcc to build bench/loadgen.c, which the
+# systemd-journal-remote for the journal forwarding test; make, groff and
+# man-db for the install and man page tests (systemd-analyze verify runs man
+# to check the unit's Documentation= link); gcc to build bench/loadgen.c, which the
 # load tests use.
 pkgs=(python3-bpfcc python3-systemd python3-pytest python3-hypothesis
-      systemd-journal-remote make groff-base gcc libc6-dev)
+      systemd-journal-remote make groff-base man-db gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

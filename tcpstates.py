@@ -21,13 +21,14 @@ python3-bpfcc).
 import argparse
 import collections
 import bisect
-import csv
 import ctypes
 import json
 import operator
 import os
+import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -98,36 +99,41 @@ def state_mask(numbers):
     return mask
 
 
-# Columns as the upstream bcc tool prints them, so that scripts keep working.
-# Each entry: (title, printf conversion for the table, wide-mode conversion).
-# The same conversion formats the header and the rows, so they cannot drift.
-TABLE_COLUMNS = (
-    ("SKADDR", "%-16s", "%-16s"),
-    ("C-PID", "%-5s", "%-5s"),
-    ("C-COMM", "%-10.10s", "%-16.16s"),
-    ("IP", None, "%-2s"),            # wide mode only
-    ("LADDR", "%-15s", "%-26s"),
-    ("LPORT", "%-5s", "%-5s"),
-    ("RADDR", "%-15s", "%-26s"),
-    ("RPORT", "%-5s", "%-5s"),
-    ("OLDSTATE", "%-11s", "%-11s"),
-    ("->", "%s", "%s"),
-    ("NEWSTATE", "%-11s", "%-11s"),
-    ("MS", "%s", "%s"),
+# Columns of the table and of CSV, in the upstream bcc tool's order and with
+# its titles, so that scripts keep working. Each entry: (title, conversion in
+# the table, in the wide table (-w), in CSV); None where the mode does not
+# show the column. A conversion formats the row's value; the header is the
+# same conversion with the type made "s" (the width kept), so the two cannot
+# drift. TIME and TIME(s) come first with -T and -t; the owner columns last
+# with -x (and MS then gets a width, so that they line up).
+COLUMNS = (
+    ("TIME", "%-8s", "%-8s", "%s"),
+    ("TIME(s)", "%-9.6f", "%-9.6f", "%.6f"),
+    ("SKADDR", "%-16x", "%-16x", "%x"),
+    ("C-PID", "%-5d", "%-5d", "%d"),
+    ("C-COMM", "%-10.10s", "%-16.16s", "%s"),
+    ("IP", None, "%-2s", "%s"),
+    ("LADDR", "%-15s", "%-26s", "%s"),
+    ("LPORT", "%-5d", "%-5d", "%d"),
+    ("RADDR", "%-15s", "%-26s", "%s"),
+    ("RPORT", "%-5d", "%-5d", "%d"),
+    ("OLDSTATE", "%-11s", "%-11s", "%s"),
+    ("->", "%s", "%s", None),
+    ("NEWSTATE", "%-11s", "%-11s", "%s"),
+    ("MS", "%.3f", "%.3f", "%.3f"),
+    ("O-PID", "%-7s", "%-7s", "%s"),
+    ("O-COMM", "%-16.16s", "%-16.16s", "%s"),
+    ("O-FROM", "%-8s", "%-8s", "%s"),
+    ("CGROUP", "%s", "%s", "%s"),
 )
-TIME_COLUMN = ("TIME", "%-8s")
-TIMESTAMP_COLUMN = ("TIME(s)", "%-9s")
-CSV_COLUMNS = ("SKADDR", "C-PID", "C-COMM", "IP", "LADDR", "LPORT", "RADDR",
-               "RPORT", "OLDSTATE", "NEWSTATE", "MS")
-# -x/--extended appends the socket's owner. In the table, MS then gets a
-# width so that the owner columns line up.
-EXTENDED_COLUMNS = (
-    ("O-PID", "%-7s"),
-    ("O-COMM", "%-16.16s"),
-    ("CGROUP", "%s"),
-)
-EXTENDED_MS = "%-10s"
+TIME_TITLES = ("TIME", "TIME(s)")
+OWNER_TITLES = ("O-PID", "O-COMM", "O-FROM", "CGROUP")
+EXTENDED_MS = "%-10.3f"
 UNKNOWN = "-"
+# How an owner was learned (O-FROM, "owner_from", TCPSTATES_OWNER_FROM):
+# "self", from one of the socket's own system calls; "listener", inherited
+# by an accepted socket from the process that called listen().
+OWNER_SELF, OWNER_LISTENER = "self", "listener"
 
 # ---------------------------------------------------------------------------
 # The BPF program. It is static text: options reach it as -D defines (cflags)
@@ -184,6 +190,7 @@ struct event {
     char comm[16];
     char ocomm[16];
     u32 pad;
+    u64 osince;         /* when the owner was learned (ts_ns clock) */
 };
 
 /* What is known of a live socket: since when it is in its state, and who
@@ -192,8 +199,11 @@ struct event {
  * as unknown, never as wrong. */
 struct sock_info {
     u64 since;
+    u64 osince;         /* when opid was learned: user space checks that the
+                           process with that PID now is the same one */
     u32 opid;
-    u32 oflags;
+    u16 oflags;
+    u16 state;          /* the last state seen, to find missed transitions */
     char ocomm[16];
 };
 BPF_TABLE("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS);
@@ -205,8 +215,10 @@ BPF_TABLE("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS);
  * or the same port in two network namespaces) opid is 0: unknown, not a
  * guess. User space seeds it with the listeners that predate the tracer. */
 struct listener {
+    u64 osince;
     u32 opid;
-    u32 count;
+    u32 count;          /* changed only with atomic adds: listen() calls on
+                           two CPUs at once must both count */
     char ocomm[16];
 };
 BPF_TABLE("lru_hash", u32, struct listener, listeners, MAX_LISTEN_PORTS);
@@ -217,6 +229,56 @@ BPF_ARRAY(local_ports, u64, 1024);
 BPF_ARRAY(remote_ports, u64, 1024);
 
 BPF_PERF_OUTPUT(events);
+
+/* Loss the kernel sees, counted where it happens (per CPU, added up by user
+ * space at every report and at exit). A full perf ring also announces its
+ * loss with a PERF_RECORD_LOST, but only with the next event that fits on
+ * that CPU: if the CPU goes quiet, or the tracer stops, that record never
+ * comes. These counters cannot miss.
+ *   COUNT_SUBMIT_FAILED  perf_submit failed (ring full): the event is lost
+ *   COUNT_GAP            a socket in view moved from a state other than the
+ *                        last one seen, or was destroyed without its move to
+ *                        CLOSE being seen: at least one transition is missing
+ *                        (the kernel skipped it, or it was lost) */
+#define COUNT_SUBMIT_FAILED 0
+#define COUNT_GAP           1
+#define N_COUNTERS          2
+BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+
+static inline void count(u32 which)
+{
+    u64 *value = counters.lookup(&which);
+    /* atomic: a softirq can interrupt this program on the same CPU */
+    if (value)
+        __sync_fetch_and_add(value, 1);
+}
+
+/* Is a socket with these ports and owner in the user's view (-L, -D, -p)?
+ * The family filter is applied before anything else. */
+static inline int in_view(u16 lport, u16 rport, u32 opid)
+{
+#ifdef FILTER_LPORT
+    {
+        u32 word = lport >> 6;
+        u64 *bits = local_ports.lookup(&word);
+        if (!bits || !(*bits & (1ULL << (lport & 63))))
+            return 0;
+    }
+#endif
+#ifdef FILTER_RPORT
+    {
+        u32 word = rport >> 6;
+        u64 *bits = remote_ports.lookup(&word);
+        if (!bits || !(*bits & (1ULL << (rport & 63))))
+            return 0;
+    }
+#endif
+#ifdef FILTER_PID
+    if (opid != FILTER_PID)
+        return 0;
+#endif
+    return 1;
+}
 
 /*
  * Transitions that only the socket's own process makes, inside one of its
@@ -281,18 +343,22 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     int stored = 0;
     if (!fresh)
         info = sockets.lookup(&sk);
+    int gap = 0;
     if (info) {
         stored = 1;
         if (now >= info->since) {
             ev.span_us = (now - info->since) / 1000;
             ev.flags = SPAN_KNOWN;
         }
+        /* The chain check: a socket leaves the state it last entered. */
+        gap = info->state != oldstate;
     } else {
         info = &blank;
         if (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV) {
             struct listener *l = listeners.lookup(&lkey);
             if (l && l->opid) {
                 info->opid = l->opid;
+                info->osince = l->osince;
                 info->oflags = OWNER_KNOWN | OWNER_INHERITED;
                 __builtin_memcpy(info->ocomm, l->ocomm, sizeof(info->ocomm));
             }
@@ -301,12 +367,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     /* pid 0 is the idle task: never an owner. */
     if (pid && by_own_syscall(oldstate, newstate)) {
         info->opid = pid;
+        info->osince = now;
         info->oflags = OWNER_KNOWN;
         bpf_get_current_comm(&info->ocomm, sizeof(info->ocomm));
     }
     ev.opid = info->opid;
+    ev.osince = info->osince;
     ev.flags |= info->oflags;
     __builtin_memcpy(ev.ocomm, info->ocomm, sizeof(ev.ocomm));
+    u16 rport = args->dport;
+    int view = in_view(lport, rport, ev.opid);
+    if (gap && view)
+        count(COUNT_GAP);
 
     /* Bookkeeping for every TCP socket, also those the filters below hide:
      * a socket's first events can carry port 0 (a client's local port is
@@ -316,51 +388,39 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             sockets.delete(&sk);
     } else {
         info->since = now;
+        info->state = newstate;
         if (!stored)
             sockets.update(&sk, info);
     }
     if (newstate == TCP_LISTEN) {
-        struct listener *l = listeners.lookup(&lkey);
-        if (l) {
-            l->count++;
-            if (l->opid != ev.opid)
-                l->opid = 0;
-        } else {
-            struct listener fresh_l = {.opid = ev.opid, .count = 1};
-            __builtin_memcpy(fresh_l.ocomm, ev.ocomm, sizeof(fresh_l.ocomm));
-            listeners.update(&lkey, &fresh_l);
+        /* Two processes can listen on one key at the same instant (on two
+         * CPUs): the entry is created with insert-if-absent, and the count
+         * changed only atomically, so that neither listen is lost and a
+         * shared key always ends up with an unknown owner, never a wrong
+         * one. */
+        struct listener fresh_l = {.osince = now, .opid = ev.opid, .count = 1};
+        __builtin_memcpy(fresh_l.ocomm, ev.ocomm, sizeof(fresh_l.ocomm));
+        if (listeners.insert(&lkey, &fresh_l) != 0) {
+            struct listener *l = listeners.lookup(&lkey);
+            if (l) {
+                __sync_fetch_and_add(&l->count, 1);
+                if (l->opid != ev.opid)
+                    l->opid = 0;
+            }
         }
     } else if (oldstate == TCP_LISTEN && newstate == TCP_CLOSE) {
         struct listener *l = listeners.lookup(&lkey);
         if (l) {
-            if (l->count <= 1)
+            /* (BPF before v3 cannot use an atomic add's result: LLVM
+             * aborts. Read it back; two closes at once may both delete.) */
+            __sync_fetch_and_add(&l->count, -1);
+            if ((s32)l->count <= 0)
                 listeners.delete(&lkey);
-            else
-                l->count--;
         }
     }
 
-    u16 rport = args->dport;
-#ifdef FILTER_LPORT
-    {
-        u32 word = lport >> 6;
-        u64 *bits = local_ports.lookup(&word);
-        if (!bits || !(*bits & (1ULL << (lport & 63))))
-            return 0;
-    }
-#endif
-#ifdef FILTER_RPORT
-    {
-        u32 word = rport >> 6;
-        u64 *bits = remote_ports.lookup(&word);
-        if (!bits || !(*bits & (1ULL << (rport & 63))))
-            return 0;
-    }
-#endif
-#ifdef FILTER_PID
-    if (ev.opid != FILTER_PID)
+    if (!view)
         return 0;
-#endif
     /* State masks: bit n selects state n (states are 1..13 today). */
 #ifdef FILTER_OLDSTATES
     if (oldstate < 0 || oldstate > 31 || !((FILTER_OLDSTATES >> oldstate) & 1))
@@ -392,7 +452,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         __builtin_memcpy(ev.raddr, args->daddr_v6, 16);
     }
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    events.perf_submit(args, &ev, sizeof(ev));
+    if (events.perf_submit(args, &ev, sizeof(ev)) != 0)
+        count(COUNT_SUBMIT_FAILED);
     return 0;
 }
 
@@ -400,10 +461,20 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 /* A socket is forgotten at CLOSE. If that event never reached us (the
  * kernel skips a tracepoint hit while another BPF program runs on the CPU),
  * its entry would stay until the LRU evicts it: the socket's destruction
- * removes it for sure. */
+ * removes it for sure, and counts the missed transition as a gap. */
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {
     u64 sk = (u64)args->skaddr;
+    struct sock_info *info = sockets.lookup(&sk);
+    if (!info)
+        return 0;
+    /* Still known: its move to CLOSE, which forgets it, was never seen. */
+    int view = in_view(args->sport, args->dport, info->opid);
+#ifdef FILTER_FAMILY
+    view = view && args->family == FILTER_FAMILY;
+#endif
+    if (view)
+        count(COUNT_GAP);
     sockets.delete(&sk);
     return 0;
 }
@@ -411,23 +482,26 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 """
 
 # struct event, as laid out above (little-endian, no implicit padding).
-EVENT_STRUCT = struct.Struct("<QQQIIHHHHHH16s16s16s16s4x")
-SPAN_KNOWN = 1          # event.flags, as in the C program (OWNER_INHERITED,
-OWNER_KNOWN = 2         # 4, is set there but not shown)
+EVENT_STRUCT = struct.Struct("<QQQIIHHHHHH16s16s16s16s4xQ")
+SPAN_KNOWN = 1          # event.flags, as in the C program
+OWNER_KNOWN = 2
+OWNER_INHERITED = 4
 
 Event = collections.namedtuple("Event", (
     "ts_ns", "skaddr", "span_us", "pid", "opid", "lport", "rport", "family",
-    "oldstate", "newstate", "flags", "laddr", "raddr", "comm", "ocomm"))
+    "oldstate", "newstate", "flags", "laddr", "raddr", "comm", "ocomm", "osince"))
 
 TRACEPOINT = "sock:inet_sock_set_state"
 DESTROY_TRACEPOINT = "tcp:tcp_destroy_sock"     # Linux 4.16; optional
-DESTROY_HOOK_FLAG = "-DHAVE_TCP_DESTROY_SOCK=1"
+COUNT_SUBMIT_FAILED, COUNT_GAP = 0, 1     # the program's counters array
 TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
 DEFAULT_PERF_PAGES = 256        # per CPU: 1 MiB, about 10,000 events
 POLL_TIMEOUT_MS = 50            # a lone event shows within about this long
 WAKEUP_EVENTS = 64              # reader wake-ups: one per this many events
 REORDER_MARGIN_NS = 2_000_000   # see Reorderer
-WRITE_GRACE_S = 2.0             # see Tracer.request_stop
+WRITE_GRACE_S = 2.0             # see StopRequest
+WAIT_STEP_MS = 50               # a blocked write looks for a stop this often
+PIPE_BUF = 4096                 # writes up to this size to a pipe are atomic
 
 
 class UsageError(Exception):
@@ -438,8 +512,13 @@ class Fatal(Exception):
     """A runtime failure with a one-line explanation: exit status 1."""
 
 
-class StoppedWhileWriting(Exception):
-    """A stop signal arrived while a write to stdout was blocked."""
+class WriteAborted(Exception):
+    """Output stayed blocked until the stop grace ran out; `written` bytes
+    of the data had gone out."""
+
+    def __init__(self, written):
+        super().__init__(written)
+        self.written = written
 
 
 # ---------------------------------------------------------------------------
@@ -472,8 +551,18 @@ def port_bitmap(ports):
     return words
 
 
-def bpf_cflags(args):
-    """The -D defines that configure the BPF program for these options."""
+class KernelFacts(collections.namedtuple("KernelFacts", "destroy_hook")):
+    """What the running kernel offers beyond the required tracepoint, probed
+    once (probe_kernel) and handed to bpf_cflags."""
+
+
+def probe_kernel():
+    return KernelFacts(destroy_hook=tracepoint_exists(DESTROY_TRACEPOINT))
+
+
+def bpf_cflags(args, facts=KernelFacts(destroy_hook=False)):
+    """The -D defines that configure the BPF program for these options, on
+    a kernel with these facts. Pure: it reads nothing of the host."""
     flags = []
     if args.ipv4:
         flags.append("-DFILTER_FAMILY=%d" % socket.AF_INET)
@@ -491,16 +580,16 @@ def bpf_cflags(args):
         flags.append("-DFILTER_NEWSTATES=0x%xU" % state_mask(args.to_states))
     if args.min_span is not None:
         flags.append("-DFILTER_MIN_SPAN_US=%dULL" % round(args.min_span * 1000))
-    if getattr(args, "max_sockets", None):
+    if args.max_sockets:
         flags.append("-DMAX_SOCKETS=%d" % args.max_sockets)
-    if tracepoint_exists(DESTROY_TRACEPOINT):
-        flags.append(DESTROY_HOOK_FLAG)
+    if facts.destroy_hook:
+        flags.append("-DHAVE_TCP_DESTROY_SOCK=1")
     return flags
 
 
 def ebpf_listing(args):
     """What --ebpf prints: the cflags, the port maps' contents, the program."""
-    lines = ["// cflags: %s" % (" ".join(bpf_cflags(args)) or "(none)")]
+    lines = ["// cflags: %s" % (" ".join(bpf_cflags(args, probe_kernel())) or "(none)")]
     if args.localport:
         lines.append("// local_ports map: %s" % ",".join(map(str, args.localport)))
     if args.remoteport:
@@ -509,19 +598,37 @@ def ebpf_listing(args):
 
 
 def existing_listeners(proc="/proc"):
-    """{(family, port): count} of the listening TCP sockets in this network
-    namespace, from /proc/net/tcp and /proc/net/tcp6."""
+    """{(family, port): count} of the listening TCP sockets in every network
+    namespace that a process is in: /proc/PID/net/tcp{,6} shows the
+    namespace of PID, and one process per namespace is read.
+
+    The tracepoint cannot tell namespaces apart, so a listener in a
+    container that predates the tracer must still make its port ambiguous
+    when the host listens on the same port later."""
     found = collections.Counter()
-    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+    seen = set()
+    try:
+        pids = [name for name in os.listdir(proc) if name.isdigit()]
+    except OSError:
+        pids = []
+    for pid in ["self"] + pids:
         try:
-            with open("%s/net/%s" % (proc, name)) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 3 and parts[3] == "0A":      # TCP_LISTEN
-                        found[(family, int(parts[1].rsplit(":", 1)[1], 16))] += 1
-        except (OSError, ValueError, IndexError):
+            namespace = os.readlink("%s/%s/ns/net" % (proc, pid))
+        except OSError:
             continue
+        if namespace in seen:
+            continue
+        seen.add(namespace)
+        for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+            try:
+                with open("%s/%s/net/%s" % (proc, pid, name)) as f:
+                    next(f, None)
+                    for line in f:
+                        parts = line.split()
+                        if len(parts) > 3 and int(parts[3], 16) == TCP_LISTEN:
+                            found[(family, int(parts[1].rsplit(":", 1)[1], 16))] += 1
+            except (OSError, ValueError, IndexError):
+                continue
     return dict(found)
 
 
@@ -617,36 +724,79 @@ class Clock:
         return (ts_ns - self.first_ns) / 1e9
 
 
-class CgroupCache:
-    """The cgroup of a process, read from /proc/PID/cgroup and kept a few
-    seconds per PID (a PID can be reused, a process can move). A process
-    that has exited gives ""."""
+class ProcessCache:
+    """What /proc says of a process now, kept a second per PID: whether it
+    is the process that owned a socket at a given moment, its name, its
+    cgroup.
 
-    TTL_NS = 5_000_000_000
+    A PID outlives nothing: the owner may have exited, and its PID may have
+    been given to another process, before a row is printed. The process
+    with that PID now is the owner only if it started no later than the
+    moment the kernel saw it own the socket (its start time, from
+    /proc/PID/stat, in clock ticks since boot)."""
+
+    TTL_NS = 1_000_000_000
     LIMIT = 4096
+    GONE = (None, "", "")
 
     def __init__(self, proc="/proc"):
         self.proc = proc
         self._cache = {}
+        self.tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        # Start times count from boot (CLOCK_BOOTTIME); events are stamped
+        # with CLOCK_MONOTONIC, which stands still while the host sleeps.
+        self.boot_minus_mono = (time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+                                - time.monotonic_ns())
 
     def get(self, pid):
+        """(start time on the events' clock or None if gone, name, cgroup)."""
         now = time.monotonic_ns()
         hit = self._cache.get(pid)
         if hit is not None and hit[0] > now:
             return hit[1]
         if len(self._cache) >= self.LIMIT:
             self._cache.clear()
-        value = safe_text(self.read(pid))
+        value = self.read(pid)
         self._cache[pid] = (now + self.TTL_NS, value)
         return value
 
     def read(self, pid):
+        base = "%s/%d/" % (self.proc, pid)
         try:
-            with open("%s/%d/cgroup" % (self.proc, pid), "rb") as f:
-                lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+            with open(base + "stat", "rb") as f:
+                stat_line = f.read()
+            with open(base + "cgroup", "rb") as f:
+                cgroup_lines = f.read().decode("utf-8", "surrogateescape").splitlines()
         except (OSError, ValueError):
-            return ""
-        return cgroup_path(lines)
+            return self.GONE
+        # "pid (name) state ...": the name may hold spaces and parentheses.
+        head, _, rest = stat_line.rpartition(b")")
+        try:
+            start_ticks = int(rest.split()[19])         # field 22, starttime
+        except (IndexError, ValueError):
+            return self.GONE
+        name = safe_text(head.partition(b"(")[2].decode("utf-8", "surrogateescape"))
+        start = start_ticks * self.tick_ns - self.boot_minus_mono
+        return (start, name, safe_text(cgroup_path(cgroup_lines)))
+
+    def owner(self, ev):
+        """The owner of an event as (pid, name, how learned, cgroup), or None
+        when unknown. An inherited owner that has exited (or whose PID now
+        belongs to another process) is unknown: the accepted socket is
+        someone else's by now. An owner that made the socket's own system
+        call stays its owner after it exits; its name is then the one the
+        kernel recorded (that of the calling thread) and its cgroup ""."""
+        flags = ev[10]
+        if not flags & OWNER_KNOWN:
+            return None
+        pid = ev[4]
+        start, name, cgroup = self.get(pid)
+        same = start is not None and start <= ev[15]
+        if flags & OWNER_INHERITED:
+            return (pid, name, OWNER_LISTENER, cgroup) if same else None
+        if same:
+            return (pid, name, OWNER_SELF, cgroup)
+        return (pid, comm_text(ev[14]), OWNER_SELF, "")
 
 
 def cgroup_path(lines):
@@ -667,127 +817,143 @@ def cgroup_path(lines):
     return ordered[0] if ordered else ""
 
 
-class Formatter:
-    """Turns Events into output text for the chosen mode (table, wide, CSV)."""
+def _title_conversion(conv):
+    """A row's conversion for the header's title: same width, type "s"."""
+    flags_width, _, precision = conv[:-1].partition(".")
+    if conv[-1] == "s" and precision:
+        return "%s.%ss" % (flags_width, precision)
+    return flags_width + "s"
 
-    def __init__(self, args, clock=None):
+
+class Formatter:
+    """Turns events into output lines for one mode: "table", "wide", "csv"
+    or "json". The header and the rows are both built from COLUMNS.
+
+    clock and procs are seams for tests (a fixed clock, a fake /proc)."""
+
+    def __init__(self, args, *, clock=None, procs=None):
         self.args = args
+        self.mode = ("json" if args.json else "csv" if args.csv
+                     else "wide" if args.wide else "table")
         self.clock = clock or Clock()
-        self.csv = args.csv
-        self.json = args.json
-        self.wide = args.wide
-        self.extended = args.extended
-        self.cgroups = CgroupCache()
-        # Columns whose text a process chooses (names, cgroup): see
-        # FORMULA_STARTS.
-        self.csv_guard = ()
-        if self.csv:
-            self.csv_guard = tuple(i for i, t in enumerate(self.header_fields())
-                                   if t in ("C-COMM", "O-COMM", "CGROUP"))
-            self._rows = []
-            self._writer = csv.writer(_ListWriter(self._rows),
-                                      lineterminator="\n")
-        else:
-            convs = []
-            if args.time:
-                convs.append(TIME_COLUMN[1])
-            if args.timestamp:
-                convs.append(TIMESTAMP_COLUMN[1])
-            for title, narrow, wide in TABLE_COLUMNS:
-                conv = wide if self.wide else narrow
-                if title == "MS" and self.extended:
-                    conv = EXTENDED_MS
-                if conv is not None:
-                    convs.append(conv)
-            if self.extended:
-                convs.extend(conv for _title, conv in EXTENDED_COLUMNS)
-            self._fmt = " ".join(convs) + "\n"
+        self.procs = procs or ProcessCache()
+        self.columns = self._columns()
         self.row = self._fast_row()
+
+    def _columns(self):
+        """(title, conversion or None) of every column of the mode, in order:
+        None for a column the row carries but the mode does not show."""
+        if self.mode == "json":
+            return []
+        index = ("table", "wide", "csv").index(self.mode) + 1
+        chosen = []
+        for column in COLUMNS:
+            title, conv = column[0], column[index]
+            if title == "TIME" and not self.args.time:
+                continue
+            if title == "TIME(s)" and not self.args.timestamp:
+                continue
+            if title in OWNER_TITLES and not self.args.extended:
+                continue
+            if title == "MS" and self.args.extended and self.mode != "csv":
+                conv = EXTENDED_MS
+            chosen.append((title, conv))
+        return chosen
+
+    def header_fields(self):
+        return [title for title, conv in self.columns if conv is not None]
+
+    def header(self):
+        if self.mode == "json":
+            return ""
+        if self.mode == "csv":
+            return ",".join(self.header_fields()) + "\n"
+        return self._format(title=True) % tuple(self.header_fields())
+
+    def _format(self, title=False):
+        """The printf format of a row (or of the header): shown columns joined
+        by a space (CSV: a comma); a hidden one takes its value and prints
+        nothing ("%.0s"), without a separator."""
+        sep = "," if self.mode == "csv" else " "
+        parts, hidden = [], ""
+        for _title, conv in self.columns:
+            if conv is None:
+                if not title:
+                    hidden += "%.0s"
+                continue
+            parts.append(hidden + (_title_conversion(conv) if title else conv))
+            hidden = ""
+        return sep.join(parts) + hidden + "\n"
 
     # -- the per-event fast path ---------------------------------------------
     def _fast_row(self):
         """A function event tuple -> output line, specialised for the mode:
         one %-format per event, with every text that repeats (addresses,
-        names, states) taken from bounded caches. Same output as
-        reference_row, a few times faster."""
+        names, states) taken from bounded caches. Events are plain tuples in
+        Event's field order; the names below are unpacked once per event."""
         af_inet = socket.AF_INET
         a4 = _Cache(lambda raw: socket.inet_ntop(socket.AF_INET, raw[:4]))
         a6 = _Cache(lambda raw: socket.inet_ntop(socket.AF_INET6, raw))
         st = _Cache(state_name)
-        clock, cgroups = self.clock, self.cgroups
-        owner_known, span_known = OWNER_KNOWN, SPAN_KNOWN
-        if self.json:
+        clock, owner_of = self.clock, self.procs.owner
+        span_known = SPAN_KNOWN
+        if self.mode == "json":
             cj = _Cache(lambda raw: _json_str(comm_text(raw)))
+            js = _Cache(_json_str)
             rfc, since, fmt = clock.rfc3339, clock.since_first, JSON_LINE
+            unknown = ("null", "null", "null", "null")
 
             def json_row(ev):
-                if ev[7] == af_inet:
-                    la, ra, ip = a4[ev[11]], a4[ev[12]], 4
+                ts, sk, span, pid, _op, lport, rport, family, old, new, flags, \
+                    laddr, raddr, comm = ev[:14]
+                if family == af_inet:
+                    la, ra, ip = a4[laddr], a4[raddr], 4
                 else:
-                    la, ra, ip = a6[ev[11]], a6[ev[12]], 6
-                flags = ev[10]
-                if flags & owner_known:
-                    owner = (ev[4], cj[ev[14]], _json_str(cgroups.get(ev[4])))
+                    la, ra, ip = a6[laddr], a6[raddr], 6
+                owner = owner_of(ev)
+                if owner is None:
+                    owner = unknown
                 else:
-                    owner = ("null", "null", "null")
-                return fmt % ((rfc(ev[0]), since(ev[0]), ev[1], ip, la, ev[5], ra, ev[6],
-                               st[ev[8]], st[ev[9]],
-                               ev[2] if flags & span_known else "null", ev[3], cj[ev[13]])
-                              + owner)
+                    owner = (owner[0], js[owner[1]], js[owner[2]], js[owner[3]])
+                return fmt % ((rfc(ts), since(ts), sk, ip, la, lport, ra, rport, st[old], st[new],
+                               span if flags & span_known else "null", pid, cj[comm]) + owner)
             return json_row
 
-        if self.csv:
+        if self.mode == "csv":
             cc = _Cache(lambda raw: csv_cell(comm_text(raw)))
-            core = "%x,%d,%s,%s,%s,%d,%s,%d,%s,%s,%.3f"
-            pre = ("%s," if self.args.time else "") + ("%.6f," if self.args.timestamp else "")
-            post = ",%s,%s,%s" if self.extended else ""
-            unknown_owner = (UNKNOWN, UNKNOWN, UNKNOWN)
-
-            def owner(ev):
-                if ev[10] & owner_known:
-                    return (ev[4], cc[ev[14]], csv_cell(cgroups.get(ev[4])))
-                return unknown_owner
+            cell = _Cache(csv_cell)
         else:
-            w = self.wide
             cc = COMM_TEXTS
-            # The table's conversions, numeric where the value is a number;
-            # "%.0s" takes the IP version and prints nothing (narrow mode).
-            core = " ".join([
-                "%-16x", "%-5d", "%-16.16s" if w else "%-10.10s",
-                ("%-2s %-26s" if w else "%.0s%-15s"), "%-5d", "%-26s" if w else "%-15s",
-                "%-5d", "%-11s -> %-11s", EXTENDED_MS.replace("s", ".3f") if self.extended
-                else "%.3f"])
-            pre = ("%-8s " if self.args.time else "") + ("%-9.6f " if self.args.timestamp else "")
-            post = (" " + " ".join(conv for _t, conv in EXTENDED_COLUMNS)) if self.extended else ""
-            unknown_owner = (UNKNOWN, UNKNOWN, UNKNOWN)
+            cell = _Cache(str)
+        fmt = self._format()
+        want_time, want_ts = self.args.time, self.args.timestamp
+        extended = self.args.extended
 
-            def owner(ev):
-                if ev[10] & owner_known:
-                    return (ev[4], cc[ev[14]], cgroups.get(ev[4]))
-                return unknown_owner
-        fmt = pre + core + post + "\n"
-
-        def fields(ev):
-            if ev[7] == af_inet:
-                la, ra, ip = a4[ev[11]], a4[ev[12]], "4"
+        def core(ev):
+            _ts, sk, span, pid, _op, lport, rport, family, old, new, _fl, \
+                laddr, raddr, comm = ev[:14]
+            if family == af_inet:
+                la, ra, ip = a4[laddr], a4[raddr], "4"
             else:
-                la, ra, ip = a6[ev[11]], a6[ev[12]], "6"
-            return (ev[1], ev[3], cc[ev[13]], ip, la, ev[5], ra, ev[6],
-                    st[ev[8]], st[ev[9]], ev[2] / 1000)
+                la, ra, ip = a6[laddr], a6[raddr], "6"
+            return (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], "->", st[new],
+                    span / 1000)
 
-        if not (pre or post):
-            # fields() inlined: the common case, one call less per event
+        if not (want_time or want_ts or extended):
+            # core() inlined: the common case, one call less per event
             def plain_row(ev):
-                if ev[7] == af_inet:
-                    la, ra, ip = a4[ev[11]], a4[ev[12]], "4"
+                _ts, sk, span, pid, _op, lport, rport, family, old, new, _fl, \
+                    laddr, raddr, comm = ev[:14]
+                if family == af_inet:
+                    la, ra, ip = a4[laddr], a4[raddr], "4"
                 else:
-                    la, ra, ip = a6[ev[11]], a6[ev[12]], "6"
-                return fmt % (ev[1], ev[3], cc[ev[13]], ip, la, ev[5], ra, ev[6],
-                              st[ev[8]], st[ev[9]], ev[2] / 1000)
+                    la, ra, ip = a6[laddr], a6[raddr], "6"
+                return fmt % (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], "->",
+                              st[new], span / 1000)
             return plain_row
 
         time_of, since_first = clock.hms, clock.since_first
-        want_time, want_ts = self.args.time, self.args.timestamp
+        unknown = (UNKNOWN,) * 4
 
         def full_row(ev):
             head = ()
@@ -795,124 +961,13 @@ class Formatter:
                 head = (time_of(ev[0]),)
             if want_ts:
                 head += (since_first(ev[0]),)
-            return fmt % (head + fields(ev) + (owner(ev) if post else ()))
+            tail = ()
+            if extended:
+                owner = owner_of(ev)
+                tail = unknown if owner is None else (
+                    owner[0], cell[owner[1]], owner[2], cell[owner[3]])
+            return fmt % (head + core(ev) + tail)
         return full_row
-
-    def header_fields(self):
-        fields = []
-        if self.args.time:
-            fields.append(TIME_COLUMN[0])
-        if self.args.timestamp:
-            fields.append(TIMESTAMP_COLUMN[0])
-        if self.csv:
-            fields.extend(CSV_COLUMNS)
-        else:
-            for title, narrow, wide in TABLE_COLUMNS:
-                if (wide if self.wide else narrow) is not None:
-                    fields.append(title)
-        if self.extended:
-            fields.extend(title for title, _conv in EXTENDED_COLUMNS)
-        return fields
-
-    def header(self):
-        if self.json:
-            return ""
-        fields = self.header_fields()
-        if self.csv:
-            return self._csv_line(fields)
-        return self._fmt % tuple(fields)
-
-    def row_fields(self, ev):
-        ev = as_event(ev)
-        fields = []
-        if self.args.time:
-            fields.append(self.clock.hms(ev.ts_ns))
-        if self.args.timestamp:
-            fields.append("%.6f" % self.clock.since_first(ev.ts_ns))
-        fields.append("%x" % ev.skaddr)
-        fields.append(str(ev.pid))
-        fields.append(comm_text(ev.comm))
-        if self.wide or self.csv:
-            fields.append(ip_version(ev.family))
-        fields.append(address_text(ev.family, ev.laddr))
-        fields.append(str(ev.lport))
-        fields.append(address_text(ev.family, ev.raddr))
-        fields.append(str(ev.rport))
-        fields.append(state_name(ev.oldstate))
-        if not self.csv:
-            fields.append("->")
-        fields.append(state_name(ev.newstate))
-        fields.append("%.3f" % (ev.span_us / 1000))
-        if self.extended:
-            if ev.flags & OWNER_KNOWN:
-                fields.append(str(ev.opid))
-                fields.append(comm_text(ev.ocomm))
-                fields.append(self.cgroups.get(ev.opid))
-            else:
-                fields.extend((UNKNOWN, UNKNOWN, UNKNOWN))
-        return fields
-
-    def reference_row(self, ev):
-        """One row, field by field: the plain statement of the format, which
-        the fast row functions below must match (the tests check)."""
-        if self.json:
-            return self.reference_json_row(ev)
-        fields = self.row_fields(ev)
-        if self.csv:
-            return self._csv_line(fields)
-        return self._fmt % tuple(fields)
-
-    def json_record(self, ev):
-        """Every field the tool knows, as a dict for one JSON line."""
-        ev = as_event(ev)
-        owner = ev.flags & OWNER_KNOWN
-        return {
-            "time": self.clock.rfc3339(ev.ts_ns),
-            "elapsed": round(self.clock.since_first(ev.ts_ns), 6),
-            "skaddr": "%x" % ev.skaddr,
-            "ip": 4 if ev.family == socket.AF_INET else 6,
-            "laddr": address_text(ev.family, ev.laddr),
-            "lport": ev.lport,
-            "raddr": address_text(ev.family, ev.raddr),
-            "rport": ev.rport,
-            "oldstate": state_name(ev.oldstate),
-            "newstate": state_name(ev.newstate),
-            "span_us": ev.span_us if ev.flags & SPAN_KNOWN else None,
-            "pid": ev.pid,
-            "comm": comm_text(ev.comm),
-            "owner_pid": ev.opid if owner else None,
-            "owner_comm": comm_text(ev.ocomm) if owner else None,
-            "owner_cgroup": self.cgroups.get(ev.opid) if owner else None,
-        }
-
-    def reference_json_row(self, ev):
-        # By hand rather than json.dumps(json_record(ev)): a fixed key order,
-        # "elapsed" always in fixed-point notation, and a fraction of the
-        # cost. Only the texts a process controls need JSON escaping.
-        ev = as_event(ev)
-        owner = ev.flags & OWNER_KNOWN
-        return JSON_LINE % (
-            self.clock.rfc3339(ev.ts_ns), self.clock.since_first(ev.ts_ns),
-            ev.skaddr, 4 if ev.family == socket.AF_INET else 6,
-            address_text(ev.family, ev.laddr), ev.lport,
-            address_text(ev.family, ev.raddr), ev.rport,
-            state_name(ev.oldstate), state_name(ev.newstate),
-            ev.span_us if ev.flags & SPAN_KNOWN else "null",
-            ev.pid, _json_str(comm_text(ev.comm)),
-            ev.opid if owner else "null",
-            _json_str(comm_text(ev.ocomm)) if owner else "null",
-            _json_str(self.cgroups.get(ev.opid)) if owner else "null")
-
-    def _csv_line(self, fields):
-        if self.csv_guard:
-            for i in self.csv_guard:
-                # "-" alone (an unknown owner) is no formula.
-                if i < len(fields) and fields[i][:1] in FORMULA_STARTS and fields[i] != UNKNOWN:
-                    fields[i] = "'" + fields[i]
-        self._writer.writerow(fields)
-        line = "".join(self._rows)
-        self._rows.clear()
-        return line
 
 
 # A CSV cell starting with one of these is run as a formula by spreadsheet
@@ -921,11 +976,14 @@ class Formatter:
 # OWASP recommends; the table, JSON and the journal show names unchanged.
 FORMULA_STARTS = frozenset("=+-@\t\r")
 
+# One JSON object per line, by hand rather than json.dumps: a fixed key
+# order, "elapsed" always in fixed-point notation, and a fraction of the
+# cost. Only the texts a process controls need JSON escaping.
 JSON_LINE = (
     '{"time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%d,'
     '"laddr":"%s","lport":%d,"raddr":"%s","rport":%d,'
     '"oldstate":"%s","newstate":"%s","span_us":%s,"pid":%d,"comm":%s,'
-    '"owner_pid":%s,"owner_comm":%s,"owner_cgroup":%s}\n')
+    '"owner_pid":%s,"owner_comm":%s,"owner_from":%s,"owner_cgroup":%s}\n')
 _json_str = json.JSONEncoder(ensure_ascii=True).encode
 
 
@@ -958,13 +1016,6 @@ def csv_cell(text):
     return text
 
 
-class _ListWriter:
-    """A file-like sink for csv.writer that collects what it writes."""
-
-    def __init__(self, target):
-        self.write = target.append
-
-
 # ---------------------------------------------------------------------------
 # The systemd journal (-Y).
 # ---------------------------------------------------------------------------
@@ -984,18 +1035,20 @@ def endpoint_text(family, raw, port):
     return "%s:%d" % (address, port)
 
 
-def journal_fields(ev, clock):
-    """The journal record of one event, as an ordered dict of fields.
+def journal_fields(ev, clock, owner):
+    """The journal record of one event, as an ordered dict of fields; owner
+    as ProcessCache.owner gives it.
 
     Field names are the upstream bcc tool's where it has them, so existing
-    queries keep working. OBJECT_PID is the socket's owner, set only when
-    known, so that journald attaches the owner's name, executable and unit;
-    the on-CPU task has fields of its own. No field starts with "_": those
-    belong to journald."""
+    queries keep working. OBJECT_PID is the socket's owner, set only while
+    that very process runs (its cgroup known), so that journald attaches
+    the owner's name, executable and unit, never a stranger's that got the
+    PID; TCPSTATES_OWNER_PID holds it in any case. The on-CPU task has
+    fields of its own. No field starts with "_": those belong to journald."""
+    ev = as_event(ev)
     v = "IPV4" if ev.family == socket.AF_INET else "IPV6"
-    owner = ev.flags & OWNER_KNOWN
     span = ev.flags & SPAN_KNOWN
-    who = ("%s[%d]" % (comm_text(ev.ocomm), ev.opid)) if owner else "unknown owner"
+    who = ("%s[%d]" % (owner[1], owner[0])) if owner else "unknown owner"
     fields = {
         "MESSAGE": "%s: %s \u2192 %s %s \u2192 %s%s" % (
             who, endpoint_text(ev.family, ev.laddr, ev.lport),
@@ -1007,8 +1060,11 @@ def journal_fields(ev, clock):
         "SYSLOG_IDENTIFIER": JOURNAL_IDENTIFIER,
     }
     if owner:
-        fields["OBJECT_PID"] = str(ev.opid)
-        fields["TCPSTATES_OWNER_COMM"] = comm_text(ev.ocomm)
+        if owner[3]:
+            fields["OBJECT_PID"] = str(owner[0])
+        fields["TCPSTATES_OWNER_PID"] = str(owner[0])
+        fields["TCPSTATES_OWNER_COMM"] = owner[1]
+        fields["TCPSTATES_OWNER_FROM"] = owner[2]
     fields["OBJECT_%s_SOURCE_ADDRESS" % v] = address_text(ev.family, ev.laddr)
     fields["OBJECT_TCP_SOURCE_PORT"] = str(ev.lport)
     fields["OBJECT_%s_DESTINATION_ADDRESS" % v] = address_text(ev.family, ev.raddr)
@@ -1064,8 +1120,9 @@ class JournalWriter:
     tests pass their own). If journald goes away mid-run the tracer keeps
     going: the first failure is reported on stderr, the rest are counted."""
 
-    def __init__(self, clock, sender, warn):
+    def __init__(self, clock, procs, sender, warn):
         self.clock = clock
+        self.procs = procs
         self.sender = sender
         self.warn = warn
         self.unsent = 0
@@ -1080,7 +1137,7 @@ class JournalWriter:
             self.unsent += 1
 
     def event(self, ev):
-        self._send(journal_fields(as_event(ev), self.clock))
+        self._send(journal_fields(ev, self.clock, self.procs.owner(ev)))
 
     def lost(self, lost, total):
         self._send(lost_fields(lost, total))
@@ -1370,6 +1427,137 @@ class BccRings:
         pass
 
 
+class StopRequest:
+    """A stop asked for by a signal (SIGINT, SIGTERM, SIGHUP). Installed
+    before anything else is done, so that a signal at any moment ends the
+    run the same way: the loop sees the flag within one poll interval, and
+    every write from then on, the summary line included, may wait for a
+    blocked reader until `deadline` (WRITE_GRACE_S after the signal), not
+    longer."""
+
+    def __init__(self):
+        self.signal = None
+        self.deadline = None
+
+    def __call__(self, signum, _frame=None):
+        self.signal = signum
+        if self.deadline is None:
+            self.deadline = time.monotonic() + WRITE_GRACE_S
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self)
+        # A shell starts background jobs with SIGINT ignored; keep it so.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self)
+
+
+class Sink:
+    """Writes whole rows to a stream's file descriptor, and never waits on a
+    blocked reader past the stop deadline.
+
+    A stop signal cannot be trusted to interrupt a blocked write(2): Python
+    retries it (PEP 475), and when part of it went out the short count is
+    dropped by TextIOWrapper (CPython gh-85393), losing rows it then counts
+    as printed. So the bytes are written here, with os.write, and counted:
+    - to a pipe, FIFO, terminal or character device, through a second open
+      of it (/proc/self/fd/N) with O_NONBLOCK: its flags are ours alone, the
+      shell's terminal and a pipe shared with other writers keep theirs. A
+      full reader is waited for with poll() in WAIT_STEP_MS steps, so that a
+      stop request is seen. To a pipe the data goes in pieces of at most
+      PIPE_BUF bytes cut at row ends, which the kernel writes whole or not
+      at all: a row is never torn.
+    - to a regular file, straight (it does not block for long);
+    - where the descriptor cannot be opened again (a socket), in pieces of at
+      most PIPE_BUF bytes, each after poll() says there is room for it.
+    A stream without a descriptor (a test's capture) gets the text as is."""
+
+    def __init__(self, stream, stop):
+        self.stream = stream
+        self.stop = stop
+        self.fd = None
+        self.own_fd = False
+        self.piece = 1 << 30
+        self.poll_first = False
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            fd = stream.fileno()
+            mode = os.fstat(fd).st_mode
+        except (AttributeError, OSError, ValueError):
+            return                                  # text mode
+        stream.flush()
+        self.fd = fd
+        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+            return
+        self.piece = PIPE_BUF if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) else 1 << 30
+        try:
+            self.fd = os.open("/proc/self/fd/%d" % fd,
+                              os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            self.own_fd = True
+        except OSError:
+            self.piece = PIPE_BUF
+            self.poll_first = True
+
+    def write_rows(self, text):
+        """Write rows (each ends with its only newline). Raises WriteAborted
+        with `rows`, how many went out whole."""
+        if self.fd is None:
+            self.write_text(text)
+            return
+        data = text.encode(self.encoding, "backslashreplace")
+        try:
+            self.write(data)
+        except WriteAborted as exc:
+            exc.rows = data.count(b"\n", 0, exc.written)
+            raise
+
+    def write_text(self, text):
+        """Write text; returns the bytes written. Raises WriteAborted."""
+        if self.fd is None:
+            self.stream.write(text)
+            self.stream.flush()
+            return len(text)
+        return self.write(text.encode(self.encoding, "backslashreplace"))
+
+    def write(self, data):
+        view = memoryview(data)
+        done, size = 0, len(data)
+        while done < size:
+            end = size
+            if size - done > self.piece:
+                cut = data.rfind(b"\n", done, done + self.piece)
+                if cut < 0:                     # one row longer than a piece
+                    cut = data.find(b"\n", done + self.piece)
+                end = size if cut < 0 else cut + 1
+            if self.poll_first:
+                self._wait(done)
+            try:
+                done += os.write(self.fd, view[done:end])
+            except BlockingIOError:
+                self._wait(done)
+        return done
+
+    def _wait(self, done):
+        """Wait until the reader makes room, or the stop deadline passes."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while True:
+            step = WAIT_STEP_MS
+            deadline = self.stop.deadline
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WriteAborted(done)
+                step = max(1, min(step, int(left * 1000) + 1))
+            if poller.poll(step):
+                return              # room, or an error the write will raise
+
+    def close(self):
+        if self.own_fd:
+            self.own_fd = False
+            os.close(self.fd)
+
+
 class Reorderer:
     """Holds events back until no earlier one can still arrive, then gives
     them out in kernel-timestamp order.
@@ -1380,63 +1568,100 @@ class Reorderer:
     between its timestamp and its perf_submit) and then reads every buffer
     to the end: everything stamped before the horizon has then been read,
     and can leave in order. An event is held at most one poll interval plus
-    the margin."""
+    the margin. One that took longer than the margin to reach its buffer (a
+    vCPU preempted in the middle of the program, say) arrives after later
+    ones have gone out: it is given out at once, and counted in `late`."""
 
     def __init__(self):
-        self._pending = []
-
-    def add(self, event):
-        self._pending.append(event)
-
-    @property
-    def sink(self):
-        """The list that readers append new events to."""
-        return self._pending
-
-    def __len__(self):
-        return len(self._pending)
+        self.pending = []           # the readers append new events here
+        self.late = 0
+        self._last = 0              # the newest timestamp given out
 
     def release(self, horizon=None):
         """The events stamped at or before horizon (all if None), sorted."""
-        pending = self._pending
+        pending = self.pending
         if not pending:
             return []
         pending.sort(key=_ts_key)
         if horizon is None or pending[-1][0] <= horizon:
-            self._pending = []
-            return pending
-        cut = bisect.bisect_right(pending, horizon, key=_ts_key)
-        ready, self._pending = pending[:cut], pending[cut:]
+            cut = len(pending)
+        else:
+            cut = bisect.bisect_right(pending, horizon, key=_ts_key)
+        ready = pending[:cut]
+        del pending[:cut]           # the same list object: readers hold it
+        if ready:
+            if ready[0][0] < self._last:
+                self.late += bisect.bisect_left(ready, self._last, key=_ts_key)
+            self._last = max(self._last, ready[-1][0])
         return ready
+
+
+class Ledger:
+    """Where every event went: the counts of the exit summary, the periodic
+    loss reports and the journal's loss records. See LOSS ACCOUNTING in the
+    man page; the names here are the summary's words.
+      printed       rows written out whole (or, with stdout discarded,
+                    events handed to the journal)
+      lost          events the perf buffers had no room for, counted in the
+                    kernel at perf_submit (the larger of that count and the
+                    PERF_RECORD_LOST records read, which can come late or
+                    never)
+      skipped       tracepoint hits the kernel did not run the program for
+                    (its recursion_misses), host-wide, before any filter
+      gaps          transitions found missing in the chain of a socket in
+                    view; the same events as some of lost and skipped, seen
+                    from the other end
+      not_written   events read, but not written because the output stayed
+                    blocked past the stop grace
+      late          events given out after a later one (out of order)"""
+
+    FIELDS = ("printed", "lost", "skipped", "gaps", "not_written", "late")
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+        self.lost_records = 0
+        self.reported = dict.fromkeys(self.FIELDS, 0)
 
 
 class Tracer:
     """Compiles the program, fills its maps, attaches it, and moves events
-    from the perf buffers to the output in kernel-timestamp order."""
+    from the perf buffers to the output in kernel-timestamp order, keeping
+    the Ledger."""
 
-    def __init__(self, args, out, journal_sender=None):
+    def __init__(self, args, out, journal_sender=None, *, stop=None, err=None,
+                 procs=None):
         self.args = args
-        self.out = out
-        self.formatter = Formatter(args)
+        self.stop = stop or StopRequest()
+        self.out = Sink(out, self.stop)
+        self.err = Sink(err or sys.stderr, self.stop)
+        self.formatter = Formatter(args, procs=procs)
         self.reorder = Reorderer()
-        self.writing = False
+        self.ledger = Ledger()
         self.rings = None
         self.journal = None
         if journal_sender is not None:
-            self.journal = JournalWriter(self.formatter.clock, journal_sender, _error)
+            self.journal = JournalWriter(self.formatter.clock, self.formatter.procs,
+                                         journal_sender, self.warn)
         # A service discards stdout (its records go to the journal): then
         # rows are not even formatted.
         self.write_rows = not _is_devnull(out)
-        self.lost = 0
-        self.lost_reported = 0
-        self.lost_report_ns = 0
-        self.skipped = 0
-        self.skipped_reported = 0
+        self.report_ns = 0
         self.skipped_known = False
         self.prog_fd = None
-        self.printed = 0
-        self.stop_signal = None
+        self.attached = []
         self.bpf = None
+        self.filtered = bool(args.localport or args.remoteport or args.pid or args.ipv4
+                             or args.ipv6 or args.from_states or args.to_states
+                             or args.min_span is not None)
+
+    def warn(self, message):
+        """A line on stderr; it too gives up on a blocked reader after a
+        stop request's grace."""
+        try:
+            self.err.write_text("%s: %s\n" % (PROG, message))
+        except (WriteAborted, BrokenPipeError):
+            pass
 
     # -- set-up ------------------------------------------------------------
     def load(self):
@@ -1449,7 +1674,8 @@ class Tracer:
             def _trace_autoload(self):
                 pass
 
-        cflags = bpf_cflags(self.args)
+        facts = probe_kernel()
+        cflags = bpf_cflags(self.args, facts)
         with _StderrCapture() as capture:
             try:
                 self.bpf = _BPF(text=BPF_PROGRAM.encode(), cflags=cflags)
@@ -1468,21 +1694,22 @@ class Tracer:
             self._fill_port_map("local_ports", self.args.localport)
             self._fill_port_map("remote_ports", self.args.remoteport)
             table = self.bpf[b"events"]
-            if os.uname().machine in PERF_EVENT_OPEN:
+            if os.uname().machine in PERF_EVENT_OPEN and not self.args.bcc_reader:
                 from bcc.utils import get_online_cpus
                 self.rings = PerfRings(table, get_online_cpus(), self.args.perf_pages,
                                        WAKEUP_EVENTS)
             else:
                 self.rings = BccRings(self.bpf, table, self.args.perf_pages, WAKEUP_EVENTS)
-            fn = self.bpf.load_func(b"tracepoint__sock__inet_sock_set_state",
-                                    bcc.BPF.TRACEPOINT)
-            self.prog_fd = fn.fd
-            self.skipped_known = prog_recursion_misses(fn.fd) is not None
-            self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=fn.name)
-            if DESTROY_HOOK_FLAG in cflags:
-                fn = self.bpf.load_func(b"tracepoint__tcp__tcp_destroy_sock",
-                                        bcc.BPF.TRACEPOINT)
-                self.bpf.attach_tracepoint(tp=DESTROY_TRACEPOINT.encode(), fn_name=fn.name)
+            hooks = [(b"tracepoint__sock__inet_sock_set_state", TRACEPOINT)]
+            if facts.destroy_hook:
+                hooks.append((b"tracepoint__tcp__tcp_destroy_sock", DESTROY_TRACEPOINT))
+            for name, tracepoint in hooks:
+                fn = self.bpf.load_func(name, bcc.BPF.TRACEPOINT)
+                if self.prog_fd is None:
+                    self.prog_fd = fn.fd
+                    self.skipped_known = prog_recursion_misses(fn.fd) is not None
+                self.bpf.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.name)
+                self.attached.append(tracepoint)
         except Exception as exc:
             self.close()
             raise Fatal("loading or attaching the BPF program failed: %s"
@@ -1507,6 +1734,16 @@ class Tracer:
             leaf.count = count
             table[table.Key((family << 16) | port)] = leaf
 
+    def detach(self):
+        """No new events from here on. The destroy hook goes first: with the
+        main program gone it would count every later close as a gap."""
+        while self.attached:
+            tracepoint = self.attached.pop()
+            try:
+                self.bpf.detach_tracepoint(tracepoint.encode())
+            except Exception:
+                pass
+
     def close(self):
         if self.rings is not None:
             rings, self.rings = self.rings, None
@@ -1514,16 +1751,34 @@ class Tracer:
         if self.bpf is not None:
             bpf, self.bpf = self.bpf, None
             bpf.cleanup()
+        self.out.close()
 
     # -- the loop --------------------------------------------------------
     def run(self):
-        self._write(self.formatter.header())
+        """Trace until a stop signal, --duration or --count; then detach and
+        give out everything read. Output that stays blocked past the stop
+        grace ends it early: what was read and not written is counted."""
+        try:
+            self.out.write_text(self.formatter.header())
+            self._loop()
+            self.detach()
+            if not self.done:
+                self._consume()
+                self._drain(None)
+        except WriteAborted:
+            self.detach()
+            self._consume()
+            self.ledger.not_written += len(self.reorder.pending)
+            self.reorder.pending.clear()
+        self.report_lost(final=True)
+
+    def _loop(self):
         poll = self.rings.poll
         clock = time.monotonic_ns
         deadline = None
         if self.args.duration is not None:
             deadline = clock() + int(self.args.duration * 1e9)
-        while self.stop_signal is None and not self.done:
+        while self.stop.signal is None and not self.done:
             timeout = POLL_TIMEOUT_MS
             if deadline is not None:
                 left = deadline - clock()
@@ -1537,20 +1792,16 @@ class Tracer:
             self._consume()
             self._drain(horizon)
             self.report_lost()
-        if not self.done:
-            self._consume()
-            self._drain(None)
-        self.report_lost(final=True)
 
     @property
     def done(self):
         count = self.args.count
-        return count is not None and self.printed >= count
+        return count is not None and self.ledger.printed >= count
 
     def _consume(self):
         try:
-            self.lost += self.rings.consume(self.reorder.sink)
-        except (Fatal, StoppedWhileWriting):
+            self.ledger.lost_records += self.rings.consume(self.reorder.pending)
+        except (Fatal, WriteAborted):
             raise
         except Exception as exc:
             raise Fatal("reading an event failed: %s: %s"
@@ -1560,77 +1811,78 @@ class Tracer:
         ready = self.reorder.release(horizon)
         if not ready:
             return
+        ledger = self.ledger
         if self.args.count is not None:
-            ready = ready[:self.args.count - self.printed]
+            ready = ready[:self.args.count - ledger.printed]
         if self.write_rows:
             row = self.formatter.row
-            self._write("".join([row(ev) for ev in ready]))
-        self.printed += len(ready)
+            try:
+                self.out.write_rows("".join([row(ev) for ev in ready]))
+            except WriteAborted as exc:
+                ledger.printed += exc.rows
+                ledger.not_written += len(ready) - exc.rows
+                raise
         if self.journal is not None:
             send = self.journal.event
             for ev in ready:
                 send(ev)
+        ledger.printed += len(ready)
+
+    def read_counters(self):
+        """The kernel's counts: skipped (recursion_misses), and the per-CPU
+        counters of the program (perf_submit failures, gaps)."""
+        ledger = self.ledger
+        skipped = prog_recursion_misses(self.prog_fd)
+        if skipped is not None:
+            ledger.skipped = skipped
+        if self.bpf is not None:
+            table = self.bpf[b"counters"]
+            submit_failed = table.sum(table.Key(COUNT_SUBMIT_FAILED)).value
+            ledger.gaps = table.sum(table.Key(COUNT_GAP)).value
+            ledger.lost = max(submit_failed, ledger.lost_records)
+        ledger.late = self.reorder.late
 
     def report_lost(self, final=False):
         """Losses, as they happen: at most one stderr line (and with -Y one
-        journal record) a second, with the running totals. Two kinds: events
-        the perf buffers had no room for, and tracepoint hits the kernel
-        skipped because another BPF program was running on that CPU (the
-        program's recursion_misses)."""
+        journal record) a second, with the running totals."""
         now = time.monotonic_ns()
-        if not final and now - self.lost_report_ns < 1_000_000_000:
+        if not final and now - self.report_ns < 1_000_000_000:
             return
-        self.lost_report_ns = now
-        skipped = prog_recursion_misses(self.prog_fd)
-        if skipped is not None:
-            self.skipped = skipped
-        new_lost = self.lost - self.lost_reported
-        new_skipped = self.skipped - self.skipped_reported
-        if not (new_lost or new_skipped):
+        self.report_ns = now
+        self.read_counters()
+        ledger = self.ledger
+        new = {name: getattr(ledger, name) - ledger.reported[name]
+               for name in ("lost", "skipped", "gaps")}
+        if not any(new.values()):
             return
-        self.lost_reported, self.skipped_reported = self.lost, self.skipped
+        ledger.reported.update((name, getattr(ledger, name)) for name in new)
         parts = []
-        if new_lost:
+        if new["lost"]:
             parts.append("lost %d events (%d in all): perf buffers overflowed"
-                         % (new_lost, self.lost))
-        if new_skipped:
-            parts.append("the kernel skipped %d events (%d in all): another BPF "
-                         "program was running on the CPU" % (new_skipped, self.skipped))
-        _error("; ".join(parts))
+                         % (new["lost"], ledger.lost))
+        if new["skipped"]:
+            parts.append("the kernel skipped %d events (%d in all)%s"
+                         % (new["skipped"], ledger.skipped,
+                            ", some perhaps of sockets the filters hide" if self.filtered
+                            else ""))
+        if new["gaps"]:
+            parts.append("%d transitions missing from sockets' histories (%d in all)"
+                         % (new["gaps"], ledger.gaps))
+        self.warn("; ".join(parts))
         if self.journal is not None:
-            self.journal.lost(new_lost + new_skipped, self.lost + self.skipped)
-
-    def _write(self, text):
-        # A stop signal that finds us blocked here (the reader of our output
-        # stopped reading) aborts the write: see request_stop.
-        self.writing = True
-        try:
-            self.out.write(text)
-            self.out.flush()
-        finally:
-            self.writing = False
+            self.journal.lost(new["lost"] + new["skipped"], ledger.lost + ledger.skipped)
 
     def summary(self):
-        text = "summary: %d printed, %d lost" % (self.printed, self.lost)
+        ledger = self.ledger
+        text = "summary: %d printed, %d lost" % (ledger.printed, ledger.lost)
         if self.skipped_known:
-            text += ", %d skipped by the kernel" % self.skipped
+            text += ", %s%d skipped by the kernel" % (
+                "up to " if self.filtered else "", ledger.skipped)
+        text += ", %d gaps, %d not written, %d late" % (
+            ledger.gaps, ledger.not_written, ledger.late)
         if self.journal is not None:
             text += ", %d journal records not sent" % self.journal.unsent
         return text
-
-    def request_stop(self, signum, _frame=None):
-        # Normally the loop sees the flag within one poll interval, after
-        # writing out what it has read. A write in progress is given
-        # WRITE_GRACE_S to finish; one still blocked then (the reader of our
-        # output stopped reading) is aborted by the alarm.
-        self.stop_signal = signum
-        if self.writing:
-            signal.signal(signal.SIGALRM, self._write_stuck)
-            signal.setitimer(signal.ITIMER_REAL, WRITE_GRACE_S)
-
-    def _write_stuck(self, _signum, _frame=None):
-        if self.writing:
-            raise StoppedWhileWriting()
 
 
 # struct bpf_prog_info (include/uapi/linux/bpf.h): recursion_misses is the
@@ -1753,6 +2005,9 @@ def build_parser():
                         default=DEFAULT_PERF_PAGES, help=argparse.SUPPRESS)
     # Size of the per-socket map: a test knob, to overflow it on purpose.
     parser.add_argument("--max-sockets", type=_max_sockets, help=argparse.SUPPRESS)
+    # BCC's own perf reader instead of the mmap one (the fallback for other
+    # architectures): a test knob, so that the fallback runs in the tests.
+    parser.add_argument("--bcc-reader", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -1843,10 +2098,10 @@ def main(argv=None):
             _quiet_stdout()
         return 0
 
-    if hasattr(sys.stdout, "reconfigure"):
-        # Names are escaped already; this only keeps a non-UTF-8 locale from
-        # failing on a printable non-ASCII character.
-        sys.stdout.reconfigure(errors="backslashreplace")
+    # From here on a stop signal is a request, whenever it comes: during the
+    # checks and the compile too, the run then ends at once, with a summary.
+    stop = StopRequest()
+    stop.install()
     tracer = None
     try:
         check_privileges()
@@ -1856,21 +2111,11 @@ def main(argv=None):
         if args.journal:
             sender = import_journal_sender()
             check_journald()
-        tracer = Tracer(args, sys.stdout, sender)
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, tracer.request_stop)
-        # A shell starts background jobs with SIGINT ignored; keep it so.
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, tracer.request_stop)
+        tracer = Tracer(args, sys.stdout, sender, stop=stop)
         tracer.load()
         tracer.run()
     except BrokenPipeError:
         _quiet_stdout()
-        return 0
-    except StoppedWhileWriting:
-        # What could not be written cannot be; do not block again at exit.
-        _quiet_stdout()
-    except KeyboardInterrupt:
         return 0
     except Fatal as exc:
         _error(str(exc))
@@ -1881,7 +2126,7 @@ def main(argv=None):
     finally:
         if tracer is not None:
             tracer.close()
-    _error(tracer.summary())
+    tracer.warn(tracer.summary())
     return 0
 
 

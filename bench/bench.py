@@ -173,7 +173,7 @@ class Running:
 def reported_lost(text):
     """Lost events as each tracer reports them."""
     lost = 0
-    m = re.search(r"summary: \d+ printed, (\d+) lost(?:, (\d+) skipped)?", text)
+    m = re.search(r"summary: \d+ printed, (\d+) lost(?:, (?:up to )?(\d+) skipped)?", text)
     if m:
         return int(m.group(1)) + int(m.group(2) or 0)
     for m in re.finditer(r"Possibly lost (\d+) samples", text):        # BCC's reader

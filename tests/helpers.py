@@ -188,7 +188,8 @@ class TracerRun:
 
 
 SUMMARY = re.compile(r"tcpstates: summary: (?P<printed>\d+) printed, (?P<lost>\d+) lost, "
-                     r"(?P<skipped>\d+) skipped by the kernel"
+                     r"(?:up to )?(?P<skipped>\d+) skipped by the kernel, "
+                     r"(?P<gaps>\d+) gaps, (?P<not_written>\d+) not written, (?P<late>\d+) late"
                      r"(?:, (?P<unsent>\d+) journal records not sent)?")
 
 

@@ -10,6 +10,7 @@ import pytest
 
 import tcpstates
 from helpers import ROOT, TOOL
+from oracle import FakeProcs, formatter, json_record, make_event, v6_event
 
 MAN = os.path.join(ROOT, "tcpstates.8")
 EXAMPLES = os.path.join(ROOT, "tcpstates_example.txt")
@@ -58,11 +59,11 @@ def test_man_synopsis_matches_usage():
     assert "tcpstates " + " ".join(synopsis[1:]).strip() == usage_text()
 
 
-@pytest.mark.parametrize("argv", [[], ["-w"], ["-T", "-t"], ["-s"]])
+@pytest.mark.parametrize("argv", [[], ["-w"], ["-T", "-t"], ["-s"], ["-x"]])
 def test_man_fields_cover_every_column(argv):
     fields = man_section("FIELDS").replace("\\-", "-")
     documented = re.findall(r"^\.TP\n(\S+)", fields, re.M)
-    header = [f for f in tcpstates.Formatter(tcpstates.parse_args(argv)).header_fields()
+    header = [f for f in formatter(*argv).header_fields()
               if f != "->"]
     for column in header:
         assert column in documented, column
@@ -71,7 +72,8 @@ def test_man_fields_cover_every_column(argv):
 def test_man_sections_in_bcc_order():
     sections = re.findall(r"^\.SH (.+)$", read(MAN), re.M)
     assert sections == ["NAME", "SYNOPSIS", "DESCRIPTION", "REQUIREMENTS", "OPTIONS",
-                        "EXAMPLES", "FIELDS", "JOURNAL FIELDS", "OVERHEAD", "SOURCE", "OS", "STABILITY",
+                        "EXAMPLES", "FIELDS", "JOURNAL FIELDS", "LOSS ACCOUNTING", "OVERHEAD",
+                        "SOURCE", "OS", "STABILITY",
                         "AUTHOR", "SEE ALSO"]
 
 
@@ -136,9 +138,7 @@ def test_man_documents_every_json_key():
     documented = set()
     for entry in re.findall(r"^\.TP\n(.+)$", section, re.M):
         documented.update(k.strip() for k in entry.split(","))
-    from test_unit import make_event
-    f = tcpstates.Formatter(tcpstates.parse_args(["-j"]))
-    assert documented == set(f.json_record(make_event()))
+    assert documented == set(json_record(formatter("-j"), make_event()))
 
 
 def test_man_documents_every_journal_field():
@@ -146,9 +146,8 @@ def test_man_documents_every_journal_field():
     documented = set()
     for entry in re.findall(r"^\.TP\n(.+)$", section, re.M):
         documented.update(k.strip() for k in entry.split(","))
-    from test_unit import make_event, v6_event
-    clock = tcpstates.Clock()
-    sent = set(tcpstates.journal_fields(make_event(), clock)) | set(
-        tcpstates.journal_fields(v6_event(), clock))
+    clock, procs = tcpstates.Clock(), FakeProcs()
+    sent = set(tcpstates.journal_fields(make_event(), clock, procs.owner(make_event()))) | set(
+        tcpstates.journal_fields(v6_event(), clock, procs.owner(v6_event())))
     assert sent <= documented
     assert set(tcpstates.lost_fields(1, 2)) - sent <= set(re.findall(r"TCPSTATES_\w+", section))

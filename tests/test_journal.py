@@ -15,15 +15,15 @@ import pytest
 import helpers
 import tcpstates
 from helpers import ROOT, TOOL, TracerRun, parse_csv, rows_for_port, tcp_session
-from test_unit import make_event, v6_event
+from oracle import FakeProcs, make_event, v6_event
 
 UNDERSCORE = re.compile(r"^_")
 
 
-def fields_of(ev):
+def fields_of(ev, procs=None):
     clock = tcpstates.Clock()
     clock.wall_minus_mono = 1_000_000_000_000
-    return tcpstates.journal_fields(ev, clock)
+    return tcpstates.journal_fields(ev, clock, (procs or FakeProcs()).owner(ev))
 
 
 # -- unit --------------------------------------------------------------------
@@ -36,7 +36,9 @@ def test_ipv4_record():
         "PRIORITY": "5",
         "SYSLOG_IDENTIFIER": "tcpstates",
         "OBJECT_PID": "4242",
+        "TCPSTATES_OWNER_PID": "4242",
         "TCPSTATES_OWNER_COMM": "curl",
+        "TCPSTATES_OWNER_FROM": "self",
         "OBJECT_IPV4_SOURCE_ADDRESS": "127.0.0.1",
         "OBJECT_TCP_SOURCE_PORT": "41365",
         "OBJECT_IPV4_DESTINATION_ADDRESS": "10.1.2.3",
@@ -65,6 +67,7 @@ def test_ipv6_record_has_real_addresses():
 def test_unknown_owner_and_span_are_left_out_not_zero():
     f = fields_of(make_event(flags=0, opid=0, pid=0, comm=b"swapper/1".ljust(16, b"\0")))
     assert "OBJECT_PID" not in f and "TCPSTATES_OWNER_COMM" not in f
+    assert "TCPSTATES_OWNER_PID" not in f and "TCPSTATES_OWNER_FROM" not in f
     assert "OBJECT_TCP_SPAN_TIME" not in f
     assert f["TCPSTATES_ONCPU_PID"] == "0" and f["TCPSTATES_ONCPU_COMM"] == "swapper/1"
     assert f["MESSAGE"].startswith("unknown owner: ") and "after" not in f["MESSAGE"]
@@ -79,6 +82,17 @@ def test_hostile_names_in_records(name):
     assert f["TCPSTATES_ONCPU_COMM"] == tcpstates.comm_text(name.ljust(16, b"\0"))
 
 
+def test_exited_owner_keeps_its_pid_but_not_object_pid():
+    """OBJECT_PID makes journald attach that PID's unit and executable: only
+    while the owner itself still runs, never a stranger that got its PID."""
+    f = fields_of(make_event(), FakeProcs({}))
+    assert "OBJECT_PID" not in f
+    assert f["TCPSTATES_OWNER_PID"] == "4242" and f["TCPSTATES_OWNER_FROM"] == "self"
+    inherited = make_event(flags=tcpstates.OWNER_KNOWN | tcpstates.OWNER_INHERITED)
+    assert "TCPSTATES_OWNER_PID" not in fields_of(inherited, FakeProcs({}))
+    assert fields_of(inherited)["TCPSTATES_OWNER_FROM"] == "listener"
+
+
 def test_no_field_is_journalds_own():
     for ev in (make_event(), v6_event(), make_event(flags=0)):
         assert not [k for k in fields_of(ev) if k.startswith("_")]
@@ -86,7 +100,8 @@ def test_no_field_is_journalds_own():
 
 def test_writer_uses_the_injected_sender():
     sent = []
-    writer = tcpstates.JournalWriter(tcpstates.Clock(), lambda *a: sent.append(a), None)
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), lambda *a: sent.append(a),
+                                     None)
     writer.event(make_event())
     assert sent[0][0].startswith("MESSAGE=curl[4242]: ")
     assert "OBJECT_PID=4242" in sent[0] and "OBJECT_TCP_SPAN_TIME=300206" in sent[0]
@@ -100,7 +115,7 @@ def test_writer_counts_failures_and_warns_once():
 
     def down(*fields):
         raise ConnectionRefusedError(111, "Connection refused")
-    writer = tcpstates.JournalWriter(tcpstates.Clock(), down, warnings.append)
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), down, warnings.append)
     for _ in range(5):
         writer.event(make_event())
     assert writer.unsent == 5
@@ -331,6 +346,7 @@ def test_journald_dying_mid_run_is_survived():
     err = report["stderr"].splitlines()
     assert len([l for l in err if "journal: sending a record failed" in l]) == 1
     assert helpers.summary(report["stderr"]) == {"printed": 14, "lost": 0, "skipped": 0,
+                                                 "gaps": 0, "not_written": 0, "late": 0,
                                                  "unsent": 7}
 
 

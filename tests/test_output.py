@@ -15,15 +15,14 @@ import tcpstates
 from helpers import (ACCEPTED_SEQUENCE, CLIENT_SEQUENCE, EVENTS_PER_SESSION,
                      LISTENER_SEQUENCE, TracerRun, parse_csv,
                      rows_for_port, tcp_session)
-from test_unit import args_for, make_event, option_cflags, v6_event
+from oracle import FakeProcs, args_for, formatter, json_record, make_event, v6_event
 
 
 # -- unit: JSON ----------------------------------------------------------------
 def test_json_record_ipv4():
     clock = tcpstates.Clock()
     clock.wall_minus_mono = 1_764_180_000 * 10 ** 9 - 5 * 10 ** 9
-    f = tcpstates.Formatter(args_for("-j"), clock)
-    f.cgroups.get = lambda pid: "/system.slice/curl.service"
+    f = formatter("-j", clock=clock)
     assert f.header() == ""
     rec = json.loads(f.row(make_event(ts_ns=5_000_123_456)))
     assert rec == {
@@ -32,27 +31,29 @@ def test_json_record_ipv4():
         "laddr": "127.0.0.1", "lport": 41365, "raddr": "10.1.2.3", "rport": 46400,
         "oldstate": "ESTABLISHED", "newstate": "FIN_WAIT1", "span_us": 300206,
         "pid": 4242, "comm": "curl",
-        "owner_pid": 4242, "owner_comm": "curl", "owner_cgroup": "/system.slice/curl.service",
+        "owner_pid": 4242, "owner_comm": "curl", "owner_from": "self",
+        "owner_cgroup": "/system.slice/curl.service",
     }
-    assert json.loads(f.row(make_event(ts_ns=5_000_123_456))) == f.json_record(
-        make_event(ts_ns=5_000_123_456))
+    assert json.loads(f.row(make_event(ts_ns=5_000_123_456))) == json_record(
+        f, make_event(ts_ns=5_000_123_456))
     later = json.loads(f.row(make_event(ts_ns=6_500_123_456)))
     assert later["elapsed"] == 1.5 and later["time"] == "2025-11-26T18:00:01.500123Z"
     assert '"elapsed":0.000001,' in f.row(make_event(ts_ns=5_000_124_456))
 
 
 def test_json_record_ipv6_unknowns_are_null():
-    f = tcpstates.Formatter(args_for("-j"))
+    f = formatter("-j")
     rec = json.loads(f.row(v6_event(flags=0, opid=0, span_us=0)))
     assert rec["ip"] == 6 and rec["laddr"] == "2001:db8::1"
     assert rec["raddr"] == "fe80::abcd:ef01:2345:6789"
     assert rec["span_us"] is None
     assert rec["owner_pid"] is None and rec["owner_comm"] is None and rec["owner_cgroup"] is None
+    assert rec["owner_from"] is None
 
 
 @pytest.mark.parametrize("name", [b"\x1b[2J", b'q"uo\\te', b"nl\nx", b"\xff\xfe", b"\xe2\x80\xae"])
 def test_json_hostile_names(name):
-    f = tcpstates.Formatter(args_for("-j"))
+    f = formatter("-j")
     line = f.row(make_event(comm=name.ljust(16, b"\0")))
     assert line.count("\n") == 1 and line.endswith("\n")
     assert all(0x20 <= ord(c) < 0x7f for c in line[:-1]), line
@@ -81,7 +82,7 @@ def test_unknown_state_lists_the_valid_ones():
 
 
 def test_filter_cflags():
-    cflags = option_cflags(args_for("--from", "SYN_SENT", "--to", "close,estab",
+    cflags = tcpstates.bpf_cflags(args_for("--from", "SYN_SENT", "--to", "close,estab",
                                            "--min-span", "2.5"))
     assert cflags == ["-DFILTER_OLDSTATES=0x4U", "-DFILTER_NEWSTATES=0x82U",
                       "-DFILTER_MIN_SPAN_US=2500ULL"]
@@ -114,27 +115,39 @@ def test_reorderer_sorts_interleaved_cpus_and_loses_nothing():
         for cpu in range(4):
             stream = streams[cpu]
             while cursors[cpu] < 500 and stream[cursors[cpu]] <= horizon + rnd.randint(0, 3000):
-                r.add(ev_at(stream[cursors[cpu]], cpu))
+                r.pending.append(ev_at(stream[cursors[cpu]], cpu))
                 cursors[cpu] += 1
         ready = r.release(horizon)
         # nothing held past the horizon: all that is left is newer
-        assert all(ev.ts_ns > horizon for ev in r._pending)
+        assert all(ev.ts_ns > horizon for ev in r.pending)
         out.extend(ready)
     out.extend(r.release(None))
     stamps = [ev.ts_ns for ev in out]
     assert stamps == sorted(stamps)
     assert sorted(stamps) == sorted(ts for s in streams for ts in s)
+    assert r.late == 0
+
+
+def test_reorderer_counts_what_comes_after_later_events():
+    """An event that reaches its buffer later than the margin is given out
+    at once, out of order, and counted."""
+    r = tcpstates.Reorderer()
+    r.pending.extend([ev_at(10), ev_at(20)])
+    assert [e.ts_ns for e in r.release(25)] == [10, 20]
+    r.pending.extend([ev_at(15), ev_at(18), ev_at(30)])
+    assert [e.ts_ns for e in r.release(35)] == [15, 18, 30]
+    assert r.late == 2
 
 
 def test_reorderer_holds_only_what_is_past_the_horizon():
     r = tcpstates.Reorderer()
     for ts in (30, 10, 20, 50, 40):
-        r.add(ev_at(ts))
+        r.pending.append(ev_at(ts))
     assert [e.ts_ns for e in r.release(25)] == [10, 20]
-    assert len(r) == 3
+    assert len(r.pending) == 3
     assert r.release(25) == []
     assert [e.ts_ns for e in r.release(None)] == [30, 40, 50]
-    assert len(r) == 0
+    assert len(r.pending) == 0
 
 
 # -- live ------------------------------------------------------------------
@@ -294,4 +307,4 @@ def test_count_ends_the_run_after_n_events():
     lines = tracer.snapshot()
     assert len(lines) == 1 + 5
     assert helpers.summary(tracer.proc.stderr.read().decode()) == {
-        "printed": 5, "lost": 0, "skipped": 0}
+        "printed": 5, "lost": 0, "skipped": 0, "gaps": 0, "not_written": 0, "late": 0}

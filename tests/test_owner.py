@@ -98,7 +98,7 @@ def wait_rows(tracer, port, count):
 def test_every_event_carries_its_owner(family, first):
     port = helpers.free_port(family)
     with TracerRun("-s", "-x") as tracer:
-        assert tracer.header.endswith(",MS,O-PID,O-COMM,CGROUP")
+        assert tracer.header.endswith(",MS,O-PID,O-COMM,O-FROM,CGROUP")
         server, client, client_port = start_pair(family, port)
         close_all(server, client, first)
         rows = wait_rows(tracer, port, 12)   # while both owners are alive
@@ -120,6 +120,9 @@ def test_every_event_carries_its_owner(family, first):
     assert owner(client_rows) == {(str(client.pid), "tsclient")}
     assert owner(accepted) == {(str(server.pid), "tsserver")}
     assert owner(listener) == {(str(server.pid), "tsserver")}
+    # An accepted socket's owner is its listener's until its own call.
+    assert accepted[0]["O-FROM"] == "listener"
+    assert {r["O-FROM"] for r in client_rows + listener} == {"self"}
     # The point of it: events whose on-CPU task is the other process, or
     # the idle task, still name the right owner.
     others = [r for r in client_rows if r["C-PID"] != str(client.pid)]
@@ -248,7 +251,7 @@ def test_forked_child_becomes_the_owner():
 def test_extended_table_columns():
     port = helpers.free_port()
     with TracerRun("-x") as tracer:
-        assert tracer.header.split()[-4:] == ["MS", "O-PID", "O-COMM", "CGROUP"]
+        assert tracer.header.split()[-5:] == ["MS", "O-PID", "O-COMM", "O-FROM", "CGROUP"]
         helpers.tcp_session(port=port)
         ok = tracer.wait_until(lambda ls: sum(str(port) in l for l in ls) >= 12, 10)
         assert tracer.stop() == 0
