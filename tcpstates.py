@@ -12,15 +12,37 @@
 """Trace TCP state changes live, with the time each socket spent in its
 previous state.
 
-The module is importable without BCC or root: ``bcc`` is imported only by the
-runtime, so the argument parsing, decoding and formatting below can be tested
-anywhere. Run it as root with Debian's /usr/bin/python3 (which sees
-python3-bpfcc).
+The module is importable without BCC or root: ``bcc`` and ``systemd`` are
+imported only inside the functions that need them, so the argument parsing,
+decoding and formatting below can be tested anywhere. Run it as root with
+Debian's /usr/bin/python3 (which sees python3-bpfcc).
+
+Where things are, top to bottom (each section under a banner):
+  1. Constants     TCP states, COLUMNS (the one column table), the event
+                   layout shared with the C program, tunables, kernel ABI
+                   numbers, journal IDs, the exceptions.
+  2. BPF program   BPF_PROGRAM, the C text; configured by -D defines.
+  3. Text helpers  state names, safe_text, addresses, process names, Clock,
+                   ProcessCache (what /proc says of an owner).
+  4. Output        Formatter (table, wide, CSV, JSON rows from COLUMNS),
+                   journal records and JournalWriter.
+  5. Kernel        checks before compiling, probe_kernel, bpf_cflags (pure),
+                   existing listeners, perf rings (PerfRings, BccRings).
+  6. Runtime       StopRequest, Sink (writes that never hang), Reorderer,
+                   Ledger (every loss counter), Tracer (orchestration).
+  7. Command line  argument types, build_parser, main.
+
+To add an output column: an entry in COLUMNS, its value in
+Formatter._fast_row (and in tests/oracle.py). A kernel filter: a -D define
+in bpf_cflags, its test in the C program's in_view() or probe, an option in
+build_parser. A loss counter: an index in the C program's counters array,
+its reading in Tracer.read_counters, a field in Ledger, its word in
+Tracer.summary and in the man page's LOSS ACCOUNTING.
 """
 
 import argparse
-import collections
 import bisect
+import collections
 import ctypes
 import json
 import operator
@@ -33,6 +55,10 @@ import struct
 import sys
 import time
 
+
+# ---------------------------------------------------------------------------
+# 1. Constants: states, columns, the event layout, tunables, kernel ABI numbers.
+# ---------------------------------------------------------------------------
 PROG = "tcpstates"
 
 # TCP states as numbered in the kernel's include/net/tcp_states.h.
@@ -55,49 +81,12 @@ TCP_STATES = {
 TCP_CLOSE = 7
 TCP_LISTEN = 10
 
-
-def state_name(number):
-    """Name of a kernel TCP state number; unknown numbers print as digits."""
-    return TCP_STATES.get(number) or str(number)
-
-
 # Other spellings accepted on the command line: ss(8)'s names (ESTAB,
 # SYN-SENT, FIN-WAIT-1, UNCONN, ...), and dashes for underscores.
 STATE_ALIASES = {
     "ESTAB": 1, "SYN_RECEIVED": 3, "FIN_WAIT_1": 4, "FIN_WAIT_2": 5,
     "CLOSED": 7, "UNCONN": 7, "SYN_RCVD": 3,
 }
-
-
-def state_number(name):
-    """The state number for a name as this tool or ss(8) prints it, any case."""
-    key = name.strip().upper().replace("-", "_")
-    for number, known in TCP_STATES.items():
-        if known == key:
-            return number
-    return STATE_ALIASES.get(key)
-
-
-def state_list(text):
-    """Parse "SYN_SENT,syn-recv" into a sorted tuple of state numbers; for
-    argparse's type=."""
-    numbers = set()
-    for item in text.split(","):
-        number = state_number(item)
-        if number is None:
-            raise argparse.ArgumentTypeError(
-                "unknown TCP state %r; valid states: %s" % (
-                    item.strip(), ", ".join(TCP_STATES[n] for n in sorted(TCP_STATES))))
-        numbers.add(number)
-    return tuple(sorted(numbers))
-
-
-def state_mask(numbers):
-    mask = 0
-    for number in numbers:
-        mask |= 1 << number
-    return mask
-
 
 # Columns of the table and of CSV, in the upstream bcc tool's order and with
 # its titles, so that scripts keep working. Each entry: (title, conversion in
@@ -130,14 +119,106 @@ TIME_TITLES = ("TIME", "TIME(s)")
 OWNER_TITLES = ("O-PID", "O-COMM", "O-FROM", "CGROUP")
 EXTENDED_MS = "%-10.3f"
 UNKNOWN = "-"
+
 # How an owner was learned (O-FROM, "owner_from", TCPSTATES_OWNER_FROM):
 # "self", from one of the socket's own system calls; "listener", inherited
 # by an accepted socket from the process that called listen().
 OWNER_SELF, OWNER_LISTENER = "self", "listener"
 
+# A CSV cell starting with one of these is run as a formula by spreadsheet
+# programs ("CSV injection"). A process chooses its own name, so in CSV a
+# name (or cgroup) starting with one of them gets a leading apostrophe, as
+# OWASP recommends; the table, JSON and the journal show names unchanged.
+FORMULA_STARTS = frozenset("=+-@\t\r")
+
+# One JSON object per line, by hand rather than json.dumps: a fixed key
+# order, "elapsed" always in fixed-point notation, and a fraction of the
+# cost. Only the texts a process controls need JSON escaping.
+JSON_LINE = (
+    '{"time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%d,'
+    '"laddr":"%s","lport":%d,"raddr":"%s","rport":%d,'
+    '"oldstate":"%s","newstate":"%s","span_us":%s,"pid":%d,"comm":%s,'
+    '"owner_pid":%s,"owner_comm":%s,"owner_from":%s,"owner_cgroup":%s}\n')
+
+# struct event, as the BPF program below lays it out (little-endian, no
+# implicit padding).
+EVENT_STRUCT = struct.Struct("<QQQIIHHHHHH16s16s16s16s4xQ")
+SPAN_KNOWN = 1          # event.flags, as in the C program
+OWNER_KNOWN = 2
+OWNER_INHERITED = 4
+Event = collections.namedtuple("Event", (
+    "ts_ns", "skaddr", "span_us", "pid", "opid", "lport", "rport", "family",
+    "oldstate", "newstate", "flags", "laddr", "raddr", "comm", "ocomm", "osince"))
+
+# The kernel's hooks, and tunables.
+TRACEPOINT = "sock:inet_sock_set_state"
+DESTROY_TRACEPOINT = "tcp:tcp_destroy_sock"     # Linux 4.16; optional
+COUNT_SUBMIT_FAILED, COUNT_GAP = 0, 1     # the program's counters array
+TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
+DEFAULT_PERF_PAGES = 256        # per CPU: 1 MiB, about 10,000 events
+POLL_TIMEOUT_MS = 50            # a lone event shows within about this long
+WAKEUP_EVENTS = 64              # reader wake-ups: one per this many events
+REORDER_MARGIN_NS = 2_000_000   # see Reorderer
+WRITE_GRACE_S = 2.0             # see StopRequest
+WAIT_STEP_MS = 50               # a blocked write looks for a stop this often
+PIPE_BUF = 4096                 # writes up to this size to a pipe are atomic
+
+# Kernel ABI numbers: capabilities (linux/capability.h), perf_event_open(2).
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_BPF_OUTPUT = 10
+PERF_SAMPLE_RAW = 1 << 10
+PERF_RECORD_LOST = 2
+PERF_RECORD_SAMPLE = 9
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_EVENT_OPEN = {"x86_64": 298}       # syscall numbers (see PerfRings)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+# A sample record as the kernel writes it for one struct event: an 8-byte
+# header (type, misc, size), the u32 raw size, the event, padding to 8.
+SAMPLE_SIZE = (8 + 4 + EVENT_STRUCT.size + 7) // 8 * 8
+SAMPLE_STRUCT = struct.Struct("<12x" + EVENT_STRUCT.format.lstrip("<") +
+                              "%dx" % (SAMPLE_SIZE - 12 - EVENT_STRUCT.size))
+_HEADER = struct.Struct("<IHH")
+_U64 = struct.Struct("<Q")
+
+# struct bpf_prog_info (include/uapi/linux/bpf.h): recursion_misses is the
+# u64 at offset 208 (Linux 5.12 and later); the kernel says how much of the
+# struct it filled.
+PROG_INFO_SIZE = 256
+PROG_INFO_RECURSION_MISSES = 208
+
+# Stable IDs: one for "a TCP socket changed state", one for "events were
+# lost". systemd/tcpstates.catalog explains both to `journalctl -x`.
+JOURNAL_MESSAGE_ID = "29e4d369fcd3401e89a1bc2b4ff01360"
+JOURNAL_LOST_MESSAGE_ID = "8603391e3ee349579d0092a49adf604f"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+JOURNAL_IDENTIFIER = "tcpstates"
+LOG_NOTICE, LOG_WARNING = 5, 4
+
+
+# The exceptions main() turns into exit statuses and one-line messages.
+class UsageError(Exception):
+    """A bad option or argument: exit status 2."""
+
+
+class Fatal(Exception):
+    """A runtime failure with a one-line explanation: exit status 1."""
+
+
+class WriteAborted(Exception):
+    """Output stayed blocked until the stop grace ran out; `written` bytes
+    of the data had gone out."""
+
+    def __init__(self, written):
+        super().__init__(written)
+        self.written = written
+
+
 # ---------------------------------------------------------------------------
-# The BPF program. It is static text: options reach it as -D defines (cflags)
-# and as port sets held in BPF maps, never by editing this string.
+# 2. The BPF program. Static text: options reach it as -D defines (cflags)
+# and as port sets in BPF maps that Python fills, never by editing it.
 # ---------------------------------------------------------------------------
 BPF_PROGRAM = r"""
 /*
@@ -481,162 +562,23 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 #endif
 """
 
-# struct event, as laid out above (little-endian, no implicit padding).
-EVENT_STRUCT = struct.Struct("<QQQIIHHHHHH16s16s16s16s4xQ")
-SPAN_KNOWN = 1          # event.flags, as in the C program
-OWNER_KNOWN = 2
-OWNER_INHERITED = 4
-
-Event = collections.namedtuple("Event", (
-    "ts_ns", "skaddr", "span_us", "pid", "opid", "lport", "rport", "family",
-    "oldstate", "newstate", "flags", "laddr", "raddr", "comm", "ocomm", "osince"))
-
-TRACEPOINT = "sock:inet_sock_set_state"
-DESTROY_TRACEPOINT = "tcp:tcp_destroy_sock"     # Linux 4.16; optional
-COUNT_SUBMIT_FAILED, COUNT_GAP = 0, 1     # the program's counters array
-TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
-DEFAULT_PERF_PAGES = 256        # per CPU: 1 MiB, about 10,000 events
-POLL_TIMEOUT_MS = 50            # a lone event shows within about this long
-WAKEUP_EVENTS = 64              # reader wake-ups: one per this many events
-REORDER_MARGIN_NS = 2_000_000   # see Reorderer
-WRITE_GRACE_S = 2.0             # see StopRequest
-WAIT_STEP_MS = 50               # a blocked write looks for a stop this often
-PIPE_BUF = 4096                 # writes up to this size to a pipe are atomic
-
-
-class UsageError(Exception):
-    """A bad option or argument: exit status 2."""
-
-
-class Fatal(Exception):
-    """A runtime failure with a one-line explanation: exit status 1."""
-
-
-class WriteAborted(Exception):
-    """Output stayed blocked until the stop grace ran out; `written` bytes
-    of the data had gone out."""
-
-    def __init__(self, written):
-        super().__init__(written)
-        self.written = written
-
 
 # ---------------------------------------------------------------------------
-# Pure helpers: no BCC, no root.
+# 3. Text helpers: states, safe text, addresses, process names, the clock,
+# processes and cgroups.
 # ---------------------------------------------------------------------------
-def port_list(text):
-    """Parse "80,443" into a sorted tuple of ports; for argparse's type=."""
-    ports = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            raise argparse.ArgumentTypeError(
-                "invalid port list %r: empty item (write ports as 80,443)" % text)
-        if not item.isdigit() or not item.isascii():
-            raise argparse.ArgumentTypeError(
-                "invalid port %r: ports are numbers from 1 to 65535" % item)
-        port = int(item)
-        if not 1 <= port <= 65535:
-            raise argparse.ArgumentTypeError(
-                "invalid port %s: ports are numbers from 1 to 65535" % item)
-        ports.append(port)
-    return tuple(sorted(set(ports)))
+def state_name(number):
+    """Name of a kernel TCP state number; unknown numbers print as digits."""
+    return TCP_STATES.get(number) or str(number)
 
 
-def port_bitmap(ports):
-    """The 1024 64-bit words of a port set, as the BPF program reads them."""
-    words = [0] * 1024
-    for port in ports:
-        words[port >> 6] |= 1 << (port & 63)
-    return words
-
-
-class KernelFacts(collections.namedtuple("KernelFacts", "destroy_hook")):
-    """What the running kernel offers beyond the required tracepoint, probed
-    once (probe_kernel) and handed to bpf_cflags."""
-
-
-def probe_kernel():
-    return KernelFacts(destroy_hook=tracepoint_exists(DESTROY_TRACEPOINT))
-
-
-def bpf_cflags(args, facts=KernelFacts(destroy_hook=False)):
-    """The -D defines that configure the BPF program for these options, on
-    a kernel with these facts. Pure: it reads nothing of the host."""
-    flags = []
-    if args.ipv4:
-        flags.append("-DFILTER_FAMILY=%d" % socket.AF_INET)
-    elif args.ipv6:
-        flags.append("-DFILTER_FAMILY=%d" % socket.AF_INET6)
-    if args.localport:
-        flags.append("-DFILTER_LPORT=1")
-    if args.remoteport:
-        flags.append("-DFILTER_RPORT=1")
-    if args.pid:
-        flags.append("-DFILTER_PID=%d" % args.pid)
-    if args.from_states:
-        flags.append("-DFILTER_OLDSTATES=0x%xU" % state_mask(args.from_states))
-    if args.to_states:
-        flags.append("-DFILTER_NEWSTATES=0x%xU" % state_mask(args.to_states))
-    if args.min_span is not None:
-        flags.append("-DFILTER_MIN_SPAN_US=%dULL" % round(args.min_span * 1000))
-    if args.max_sockets:
-        flags.append("-DMAX_SOCKETS=%d" % args.max_sockets)
-    if facts.destroy_hook:
-        flags.append("-DHAVE_TCP_DESTROY_SOCK=1")
-    return flags
-
-
-def ebpf_listing(args):
-    """What --ebpf prints: the cflags, the port maps' contents, the program."""
-    lines = ["// cflags: %s" % (" ".join(bpf_cflags(args, probe_kernel())) or "(none)")]
-    if args.localport:
-        lines.append("// local_ports map: %s" % ",".join(map(str, args.localport)))
-    if args.remoteport:
-        lines.append("// remote_ports map: %s" % ",".join(map(str, args.remoteport)))
-    return "\n".join(lines) + "\n" + BPF_PROGRAM
-
-
-def existing_listeners(proc="/proc"):
-    """{(family, port): count} of the listening TCP sockets in every network
-    namespace that a process is in: /proc/PID/net/tcp{,6} shows the
-    namespace of PID, and one process per namespace is read.
-
-    The tracepoint cannot tell namespaces apart, so a listener in a
-    container that predates the tracer must still make its port ambiguous
-    when the host listens on the same port later."""
-    found = collections.Counter()
-    seen = set()
-    try:
-        pids = [name for name in os.listdir(proc) if name.isdigit()]
-    except OSError:
-        pids = []
-    for pid in ["self"] + pids:
-        try:
-            namespace = os.readlink("%s/%s/ns/net" % (proc, pid))
-        except OSError:
-            continue
-        if namespace in seen:
-            continue
-        seen.add(namespace)
-        for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-            try:
-                with open("%s/%s/net/%s" % (proc, pid, name)) as f:
-                    next(f, None)
-                    for line in f:
-                        parts = line.split()
-                        if len(parts) > 3 and int(parts[3], 16) == TCP_LISTEN:
-                            found[(family, int(parts[1].rsplit(":", 1)[1], 16))] += 1
-            except (OSError, ValueError, IndexError):
-                continue
-    return dict(found)
-
-
-def as_event(ev):
-    """Events travel as plain tuples in Event's field order (the readers
-    make them in one C call); the slower paths name the fields."""
-    return ev if isinstance(ev, Event) else Event._make(ev)
-
+def state_number(name):
+    """The state number for a name as this tool or ss(8) prints it, any case."""
+    key = name.strip().upper().replace("-", "_")
+    for number, known in TCP_STATES.items():
+        if known == key:
+            return number
+    return STATE_ALIASES.get(key)
 
 
 def safe_text(text):
@@ -663,9 +605,28 @@ def safe_text(text):
     return "".join(out)
 
 
+class _Cache(dict):
+    """A dict that computes missing values, and forgets everything when it
+    reaches its limit (so it stays bounded on a host with many names)."""
+
+    def __init__(self, compute, limit=4096):
+        super().__init__()
+        self.compute = compute
+        self.limit = limit
+
+    def __missing__(self, key):
+        if len(self) >= self.limit:
+            self.clear()
+        value = self[key] = self.compute(key)
+        return value
+
+
 def _comm_text(raw):
     name = raw.split(b"\0", 1)[0]
     return safe_text(name.decode("utf-8", "surrogateescape"))
+
+
+COMM_TEXTS = _Cache(_comm_text)
 
 
 def comm_text(raw):
@@ -685,6 +646,32 @@ def address_text(family, raw):
 
 def ip_version(family):
     return "4" if family == socket.AF_INET else "6" if family == socket.AF_INET6 else "?"
+
+
+def endpoint_text(family, raw, port):
+    address = address_text(family, raw)
+    if family == socket.AF_INET6:
+        return "[%s]:%d" % (address, port)
+    return "%s:%d" % (address, port)
+
+
+def csv_cell(text):
+    """A text as one RFC 4180 cell, as the csv module would write it, with
+    spreadsheet formulas defused (see FORMULA_STARTS)."""
+    if text[:1] in FORMULA_STARTS and text != UNKNOWN:
+        text = "'" + text
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+_json_str = json.JSONEncoder(ensure_ascii=True).encode
+
+
+def as_event(ev):
+    """Events travel as plain tuples in Event's field order (the readers
+    make them in one C call); the slower paths name the fields."""
+    return ev if isinstance(ev, Event) else Event._make(ev)
 
 
 class Clock:
@@ -817,6 +804,9 @@ def cgroup_path(lines):
     return ordered[0] if ordered else ""
 
 
+# ---------------------------------------------------------------------------
+# 4. Output: one Formatter for table, wide, CSV and JSON rows; journal records.
+# ---------------------------------------------------------------------------
 def _title_conversion(conv):
     """A row's conversion for the header's title: same width, type "s"."""
     flags_width, _, precision = conv[:-1].partition(".")
@@ -970,69 +960,16 @@ class Formatter:
         return full_row
 
 
-# A CSV cell starting with one of these is run as a formula by spreadsheet
-# programs ("CSV injection"). A process chooses its own name, so in CSV a
-# name (or cgroup) starting with one of them gets a leading apostrophe, as
-# OWASP recommends; the table, JSON and the journal show names unchanged.
-FORMULA_STARTS = frozenset("=+-@\t\r")
-
-# One JSON object per line, by hand rather than json.dumps: a fixed key
-# order, "elapsed" always in fixed-point notation, and a fraction of the
-# cost. Only the texts a process controls need JSON escaping.
-JSON_LINE = (
-    '{"time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%d,'
-    '"laddr":"%s","lport":%d,"raddr":"%s","rport":%d,'
-    '"oldstate":"%s","newstate":"%s","span_us":%s,"pid":%d,"comm":%s,'
-    '"owner_pid":%s,"owner_comm":%s,"owner_from":%s,"owner_cgroup":%s}\n')
-_json_str = json.JSONEncoder(ensure_ascii=True).encode
-
-
-class _Cache(dict):
-    """A dict that computes missing values, and forgets everything when it
-    reaches its limit (so it stays bounded on a host with many names)."""
-
-    def __init__(self, compute, limit=4096):
-        super().__init__()
-        self.compute = compute
-        self.limit = limit
-
-    def __missing__(self, key):
-        if len(self) >= self.limit:
-            self.clear()
-        value = self[key] = self.compute(key)
-        return value
-
-
-COMM_TEXTS = _Cache(_comm_text)
-
-
-def csv_cell(text):
-    """A text as one RFC 4180 cell, as the csv module would write it, with
-    spreadsheet formulas defused (see FORMULA_STARTS)."""
-    if text[:1] in FORMULA_STARTS and text != UNKNOWN:
-        text = "'" + text
-    if any(c in text for c in ',"\r\n'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
-# ---------------------------------------------------------------------------
-# The systemd journal (-Y).
-# ---------------------------------------------------------------------------
-# Stable IDs: one for "a TCP socket changed state", one for "events were
-# lost". systemd/tcpstates.catalog explains both to `journalctl -x`.
-JOURNAL_MESSAGE_ID = "29e4d369fcd3401e89a1bc2b4ff01360"
-JOURNAL_LOST_MESSAGE_ID = "8603391e3ee349579d0092a49adf604f"
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
-JOURNAL_IDENTIFIER = "tcpstates"
-LOG_NOTICE, LOG_WARNING = 5, 4
-
-
-def endpoint_text(family, raw, port):
-    address = address_text(family, raw)
-    if family == socket.AF_INET6:
-        return "[%s]:%d" % (address, port)
-    return "%s:%d" % (address, port)
+def lost_fields(lost, total):
+    return {
+        "MESSAGE": "tcpstates lost %d events (%d since start): the journal has a gap"
+                   % (lost, total),
+        "MESSAGE_ID": JOURNAL_LOST_MESSAGE_ID,
+        "PRIORITY": str(LOG_WARNING),
+        "SYSLOG_IDENTIFIER": JOURNAL_IDENTIFIER,
+        "TCPSTATES_LOST": str(lost),
+        "TCPSTATES_LOST_TOTAL": str(total),
+    }
 
 
 def journal_fields(ev, clock, owner):
@@ -1082,39 +1019,6 @@ def journal_fields(ev, clock, owner):
     return fields
 
 
-def lost_fields(lost, total):
-    return {
-        "MESSAGE": "tcpstates lost %d events (%d since start): the journal has a gap"
-                   % (lost, total),
-        "MESSAGE_ID": JOURNAL_LOST_MESSAGE_ID,
-        "PRIORITY": str(LOG_WARNING),
-        "SYSLOG_IDENTIFIER": JOURNAL_IDENTIFIER,
-        "TCPSTATES_LOST": str(lost),
-        "TCPSTATES_LOST_TOTAL": str(total),
-    }
-
-
-def import_journal_sender():
-    try:
-        from systemd import journal
-    except ImportError:
-        raise Fatal("-Y needs python-systemd; install python3-systemd and run "
-                    "tcpstates with /usr/bin/python3") from None
-    return journal.sendv
-
-
-def check_journald(path=JOURNAL_SOCKET):
-    """journald must be listening before anything is attached."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.connect(path)
-    except OSError:
-        raise Fatal("-Y: journald is not running (nothing listens on %s); start "
-                    "systemd-journald, or run without -Y" % path) from None
-    finally:
-        sock.close()
-
-
 class JournalWriter:
     """Sends records through sender (python-systemd's sendv by default;
     tests pass their own). If journald goes away mid-run the tracer keeps
@@ -1144,11 +1048,9 @@ class JournalWriter:
 
 
 # ---------------------------------------------------------------------------
-# Checks before any compile work: each failure gets its own message.
+# 5. The kernel: checks before any compile work (each failure its own
+# message), facts probed once, the program's configuration, perf rings.
 # ---------------------------------------------------------------------------
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-
-
 def effective_caps():
     try:
         with open("/proc/self/status") as status:
@@ -1224,6 +1126,123 @@ def import_bcc():
     return bcc
 
 
+def import_journal_sender():
+    try:
+        from systemd import journal
+    except ImportError:
+        raise Fatal("-Y needs python-systemd; install python3-systemd and run "
+                    "tcpstates with /usr/bin/python3") from None
+    return journal.sendv
+
+
+def check_journald(path=JOURNAL_SOCKET):
+    """journald must be listening before anything is attached."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        raise Fatal("-Y: journald is not running (nothing listens on %s); start "
+                    "systemd-journald, or run without -Y" % path) from None
+    finally:
+        sock.close()
+
+
+class KernelFacts(collections.namedtuple("KernelFacts", "destroy_hook")):
+    """What the running kernel offers beyond the required tracepoint, probed
+    once (probe_kernel) and handed to bpf_cflags."""
+
+
+def probe_kernel():
+    return KernelFacts(destroy_hook=tracepoint_exists(DESTROY_TRACEPOINT))
+
+
+def state_mask(numbers):
+    mask = 0
+    for number in numbers:
+        mask |= 1 << number
+    return mask
+
+
+def port_bitmap(ports):
+    """The 1024 64-bit words of a port set, as the BPF program reads them."""
+    words = [0] * 1024
+    for port in ports:
+        words[port >> 6] |= 1 << (port & 63)
+    return words
+
+
+def bpf_cflags(args, facts=KernelFacts(destroy_hook=False)):
+    """The -D defines that configure the BPF program for these options, on
+    a kernel with these facts. Pure: it reads nothing of the host."""
+    flags = []
+    if args.ipv4:
+        flags.append("-DFILTER_FAMILY=%d" % socket.AF_INET)
+    elif args.ipv6:
+        flags.append("-DFILTER_FAMILY=%d" % socket.AF_INET6)
+    if args.localport:
+        flags.append("-DFILTER_LPORT=1")
+    if args.remoteport:
+        flags.append("-DFILTER_RPORT=1")
+    if args.pid:
+        flags.append("-DFILTER_PID=%d" % args.pid)
+    if args.from_states:
+        flags.append("-DFILTER_OLDSTATES=0x%xU" % state_mask(args.from_states))
+    if args.to_states:
+        flags.append("-DFILTER_NEWSTATES=0x%xU" % state_mask(args.to_states))
+    if args.min_span is not None:
+        flags.append("-DFILTER_MIN_SPAN_US=%dULL" % round(args.min_span * 1000))
+    if args.max_sockets:
+        flags.append("-DMAX_SOCKETS=%d" % args.max_sockets)
+    if facts.destroy_hook:
+        flags.append("-DHAVE_TCP_DESTROY_SOCK=1")
+    return flags
+
+
+def ebpf_listing(args):
+    """What --ebpf prints: the cflags, the port maps' contents, the program."""
+    lines = ["// cflags: %s" % (" ".join(bpf_cflags(args, probe_kernel())) or "(none)")]
+    if args.localport:
+        lines.append("// local_ports map: %s" % ",".join(map(str, args.localport)))
+    if args.remoteport:
+        lines.append("// remote_ports map: %s" % ",".join(map(str, args.remoteport)))
+    return "\n".join(lines) + "\n" + BPF_PROGRAM
+
+
+def existing_listeners(proc="/proc"):
+    """{(family, port): count} of the listening TCP sockets in every network
+    namespace that a process is in: /proc/PID/net/tcp{,6} shows the
+    namespace of PID, and one process per namespace is read.
+
+    The tracepoint cannot tell namespaces apart, so a listener in a
+    container that predates the tracer must still make its port ambiguous
+    when the host listens on the same port later."""
+    found = collections.Counter()
+    seen = set()
+    try:
+        pids = [name for name in os.listdir(proc) if name.isdigit()]
+    except OSError:
+        pids = []
+    for pid in ["self"] + pids:
+        try:
+            namespace = os.readlink("%s/%s/ns/net" % (proc, pid))
+        except OSError:
+            continue
+        if namespace in seen:
+            continue
+        seen.add(namespace)
+        for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+            try:
+                with open("%s/%s/net/%s" % (proc, pid, name)) as f:
+                    next(f, None)
+                    for line in f:
+                        parts = line.split()
+                        if len(parts) > 3 and int(parts[3], 16) == TCP_LISTEN:
+                            found[(family, int(parts[1].rsplit(":", 1)[1], 16))] += 1
+            except (OSError, ValueError, IndexError):
+                continue
+    return dict(found)
+
+
 class _StderrCapture:
     """Sends fd 2 to a memory file while BCC compiles, so that clang's
     diagnostics and "modprobe: not found" never reach the user raw."""
@@ -1253,26 +1272,29 @@ class _StderrCapture:
         return lines[-1].strip()[:200] if lines else ""
 
 
-# ---------------------------------------------------------------------------
-# The runtime: reading the perf buffers.
-# ---------------------------------------------------------------------------
-PERF_TYPE_SOFTWARE = 1
-PERF_COUNT_SW_BPF_OUTPUT = 10
-PERF_SAMPLE_RAW = 1 << 10
-PERF_RECORD_LOST = 2
-PERF_RECORD_SAMPLE = 9
-PERF_EVENT_IOC_ENABLE = 0x2400
-PERF_FLAG_FD_CLOEXEC = 1 << 3
-PERF_EVENT_OPEN = {"x86_64": 298}       # syscall numbers (see PerfRings)
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+def prog_recursion_misses(fd):
+    """The kernel's count of times it skipped this program, or None where
+    the kernel does not report it."""
+    if fd is None:
+        return None
+    try:
+        from bcc.libbcc import lib
+        get_info = lib.bpf_obj_get_info
+    except (ImportError, AttributeError):
+        return None
+    get_info.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    buf = ctypes.create_string_buffer(PROG_INFO_SIZE)
+    size = ctypes.c_uint32(PROG_INFO_SIZE)
+    if get_info(fd, buf, ctypes.byref(size)) != 0:
+        return None
+    return parse_recursion_misses(buf.raw, size.value)
 
-# A sample record as the kernel writes it for one struct event: an 8-byte
-# header (type, misc, size), the u32 raw size, the event, padding to 8.
-SAMPLE_SIZE = (8 + 4 + EVENT_STRUCT.size + 7) // 8 * 8
-SAMPLE_STRUCT = struct.Struct("<12x" + EVENT_STRUCT.format.lstrip("<") +
-                              "%dx" % (SAMPLE_SIZE - 12 - EVENT_STRUCT.size))
-_HEADER = struct.Struct("<IHH")
-_U64 = struct.Struct("<Q")
+
+def parse_recursion_misses(raw, filled):
+    end = PROG_INFO_RECURSION_MISSES + 8
+    if filled < end:
+        return None
+    return struct.unpack_from("<Q", raw, PROG_INFO_RECURSION_MISSES)[0]
 
 
 def parse_records(chunk, sink):
@@ -1427,6 +1449,10 @@ class BccRings:
         pass
 
 
+# ---------------------------------------------------------------------------
+# 6. The runtime: stop requests, output sinks, ordering, the loss ledger, and
+# the Tracer that puts them together.
+# ---------------------------------------------------------------------------
 class StopRequest:
     """A stop asked for by a signal (SIGINT, SIGTERM, SIGHUP). Installed
     before anything else is done, so that a signal at any moment ends the
@@ -1556,6 +1582,18 @@ class Sink:
         if self.own_fd:
             self.own_fd = False
             os.close(self.fd)
+
+
+def _is_devnull(stream):
+    try:
+        st = os.fstat(stream.fileno())
+        null = os.stat(os.devnull)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_rdev, st.st_ino) == (null.st_rdev, null.st_ino)
+
+
+_ts_key = operator.itemgetter(0)
 
 
 class Reorderer:
@@ -1885,52 +1923,8 @@ class Tracer:
         return text
 
 
-# struct bpf_prog_info (include/uapi/linux/bpf.h): recursion_misses is the
-# u64 at offset 208 (Linux 5.12 and later); the kernel says how much of the
-# struct it filled.
-PROG_INFO_SIZE = 256
-PROG_INFO_RECURSION_MISSES = 208
-
-
-def prog_recursion_misses(fd):
-    """The kernel's count of times it skipped this program, or None where
-    the kernel does not report it."""
-    if fd is None:
-        return None
-    try:
-        from bcc.libbcc import lib
-        get_info = lib.bpf_obj_get_info
-    except (ImportError, AttributeError):
-        return None
-    get_info.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
-    buf = ctypes.create_string_buffer(PROG_INFO_SIZE)
-    size = ctypes.c_uint32(PROG_INFO_SIZE)
-    if get_info(fd, buf, ctypes.byref(size)) != 0:
-        return None
-    return parse_recursion_misses(buf.raw, size.value)
-
-
-def parse_recursion_misses(raw, filled):
-    end = PROG_INFO_RECURSION_MISSES + 8
-    if filled < end:
-        return None
-    return struct.unpack_from("<Q", raw, PROG_INFO_RECURSION_MISSES)[0]
-
-
-def _is_devnull(stream):
-    try:
-        st = os.fstat(stream.fileno())
-        null = os.stat(os.devnull)
-    except (OSError, ValueError, AttributeError):
-        return False
-    return (st.st_rdev, st.st_ino) == (null.st_rdev, null.st_ino)
-
-
-_ts_key = operator.itemgetter(0)
-
-
 # ---------------------------------------------------------------------------
-# Command line.
+# 7. The command line: argument types, the parser, main().
 # ---------------------------------------------------------------------------
 EXAMPLES = """examples:
     tcpstates               # trace all TCP state changes
@@ -1957,6 +1951,88 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # The message can quote the user's argument: keep it one safe line.
         raise UsageError(safe_text(message))
+
+
+def port_list(text):
+    """Parse "80,443" into a sorted tuple of ports; for argparse's type=."""
+    ports = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise argparse.ArgumentTypeError(
+                "invalid port list %r: empty item (write ports as 80,443)" % text)
+        if not item.isdigit() or not item.isascii():
+            raise argparse.ArgumentTypeError(
+                "invalid port %r: ports are numbers from 1 to 65535" % item)
+        port = int(item)
+        if not 1 <= port <= 65535:
+            raise argparse.ArgumentTypeError(
+                "invalid port %s: ports are numbers from 1 to 65535" % item)
+        ports.append(port)
+    return tuple(sorted(set(ports)))
+
+
+def state_list(text):
+    """Parse "SYN_SENT,syn-recv" into a sorted tuple of state numbers; for
+    argparse's type=."""
+    numbers = set()
+    for item in text.split(","):
+        number = state_number(item)
+        if number is None:
+            raise argparse.ArgumentTypeError(
+                "unknown TCP state %r; valid states: %s" % (
+                    item.strip(), ", ".join(TCP_STATES[n] for n in sorted(TCP_STATES))))
+        numbers.add(number)
+    return tuple(sorted(numbers))
+
+
+def _positive_number(text, what, integer=False):
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = -1
+    if not (value > 0 and value < 1e9):
+        raise argparse.ArgumentTypeError(
+            "invalid %s %r: a positive number%s" % (
+                what, text, " (whole)" if integer else ""))
+    return value
+
+
+def milliseconds(text):
+    return _positive_number(text, "span")
+
+
+def seconds(text):
+    return _positive_number(text, "duration")
+
+
+def event_count(text):
+    return _positive_number(text, "count", integer=True)
+
+
+def pid_arg(text):
+    """A process ID for -p: a number from 1 to 4194304 (the kernel's limit)."""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 4194304:
+        raise argparse.ArgumentTypeError(
+            "invalid PID %r: a process ID is a number from 1 to 4194304" % text)
+    return int(text)
+
+
+def _max_sockets(text):
+    if not (text.isascii() and text.isdigit()) or not 64 <= int(text) <= 1 << 24:
+        raise argparse.ArgumentTypeError("invalid map size %r: 64 to 16777216" % text)
+    return int(text)
+
+
+def _perf_pages(text):
+    try:
+        pages = int(text)
+    except ValueError:
+        pages = 0
+    if pages < 1 or pages & (pages - 1) or pages > 65536:
+        raise argparse.ArgumentTypeError(
+            "invalid page count %r: a power of two from 1 to 65536" % text)
+    return pages
 
 
 def build_parser():
@@ -2009,55 +2085,6 @@ def build_parser():
     # architectures): a test knob, so that the fallback runs in the tests.
     parser.add_argument("--bcc-reader", action="store_true", help=argparse.SUPPRESS)
     return parser
-
-
-def _positive_number(text, what, integer=False):
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        value = -1
-    if not (value > 0 and value < 1e9):
-        raise argparse.ArgumentTypeError(
-            "invalid %s %r: a positive number%s" % (
-                what, text, " (whole)" if integer else ""))
-    return value
-
-
-def milliseconds(text):
-    return _positive_number(text, "span")
-
-
-def seconds(text):
-    return _positive_number(text, "duration")
-
-
-def event_count(text):
-    return _positive_number(text, "count", integer=True)
-
-
-def pid_arg(text):
-    """A process ID for -p: a number from 1 to 4194304 (the kernel's limit)."""
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 4194304:
-        raise argparse.ArgumentTypeError(
-            "invalid PID %r: a process ID is a number from 1 to 4194304" % text)
-    return int(text)
-
-
-def _max_sockets(text):
-    if not (text.isascii() and text.isdigit()) or not 64 <= int(text) <= 1 << 24:
-        raise argparse.ArgumentTypeError("invalid map size %r: 64 to 16777216" % text)
-    return int(text)
-
-
-def _perf_pages(text):
-    try:
-        pages = int(text)
-    except ValueError:
-        pages = 0
-    if pages < 1 or pages & (pages - 1) or pages > 65536:
-        raise argparse.ArgumentTypeError(
-            "invalid page count %r: a power of two from 1 to 65536" % text)
-    return pages
 
 
 def parse_args(argv):
