@@ -712,42 +712,80 @@ class Clock:
 
 
 class ProcessCache:
-    """What /proc says of a process now, kept a second per PID: whether it
-    is the process that owned a socket at a given moment, its name, its
-    cgroup.
+    """What /proc says of a process: whether it is the process that owned a
+    socket at a given moment and still runs, its name, its cgroup.
 
     A PID outlives nothing: the owner may have exited, and its PID may have
     been given to another process, before a row is printed. The process
     with that PID now is the owner only if it started no later than the
     moment the kernel saw it own the socket (its start time, from
-    /proc/PID/stat, in clock ticks since boot)."""
+    /proc/PID/stat, in clock ticks since boot). Whether it still runs is
+    asked of the kernel once per batch of rows (refresh), through a pidfd
+    held for it: a pidfd names one process, not a PID, and becomes readable
+    when that process exits (a zombie has exited). Name and cgroup are kept
+    a second."""
 
     TTL_NS = 1_000_000_000
-    LIMIT = 4096
+    LIMIT = 256                 # pidfds held at most (file limits are often 1024)
     GONE = (None, "", "")
 
     def __init__(self, proc="/proc"):
         self.proc = proc
-        self._cache = {}
+        self._cache = {}        # pid -> [expiry, (start, name, cgroup), pidfd, generation]
+        self.generation = 0
         self.tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
         # Start times count from boot (CLOCK_BOOTTIME); events are stamped
         # with CLOCK_MONOTONIC, which stands still while the host sleeps.
         self.boot_minus_mono = (time.clock_gettime_ns(time.CLOCK_BOOTTIME)
                                 - time.monotonic_ns())
 
+    def refresh(self):
+        """A new batch: ask again whether the processes still run."""
+        self.generation += 1
+
     def get(self, pid):
         """(start time on the events' clock or None if gone, name, cgroup)."""
         now = time.monotonic_ns()
         hit = self._cache.get(pid)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if hit is not None:
+            if hit[2] is not None and hit[3] != self.generation:
+                hit[3] = self.generation
+                if select.select([hit[2]], [], [], 0)[0]:       # it has exited
+                    hit[1] = self.GONE
+            if hit[0] > now:
+                return hit[1]
+            self._forget(pid)
         if len(self._cache) >= self.LIMIT:
-            self._cache.clear()
-        value = self.read(pid)
-        self._cache[pid] = (now + self.TTL_NS, value)
+            for cached in list(self._cache):
+                self._forget(cached)
+        value, pidfd = self.read(pid)
+        self._cache[pid] = [now + self.TTL_NS, value, pidfd, self.generation]
         return value
 
+    def _forget(self, pid):
+        pidfd = self._cache.pop(pid)[2]
+        if pidfd is not None:
+            os.close(pidfd)
+
     def read(self, pid):
+        """(start, name, cgroup) of a running process, or GONE; and a pidfd
+        for it, taken first so that it names the process read (None where
+        pidfds are not to be had: then liveness is as old as the TTL)."""
+        pidfd = None
+        try:
+            if self.proc == "/proc":            # (not for a test's made-up /proc)
+                pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return self.GONE, None
+        except (OSError, AttributeError):
+            pass
+        value = self._read_proc(pid)
+        if value is self.GONE and pidfd is not None:
+            os.close(pidfd)
+            pidfd = None
+        return value, pidfd
+
+    def _read_proc(self, pid):
         base = "%s/%d/" % (self.proc, pid)
         try:
             with open(base + "stat", "rb") as f:
@@ -758,9 +796,12 @@ class ProcessCache:
             return self.GONE
         # "pid (name) state ...": the name may hold spaces and parentheses.
         head, _, rest = stat_line.rpartition(b")")
+        fields = rest.split()
         try:
-            start_ticks = int(rest.split()[19])         # field 22, starttime
+            state, start_ticks = fields[0], int(fields[19])   # fields 3 and 22
         except (IndexError, ValueError):
+            return self.GONE
+        if state in (b"Z", b"X"):                   # exited, not yet reaped
             return self.GONE
         name = safe_text(head.partition(b"(")[2].decode("utf-8", "surrogateescape"))
         start = start_ticks * self.tick_ns - self.boot_minus_mono
@@ -1852,6 +1893,7 @@ class Tracer:
         ledger = self.ledger
         if self.args.count is not None:
             ready = ready[:self.args.count - ledger.printed]
+        self.formatter.procs.refresh()
         if self.write_rows:
             row = self.formatter.row
             try:

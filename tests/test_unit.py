@@ -1,13 +1,15 @@
 """Unit tests: parsing, decoding, formatting. No root, no BCC needed."""
 import argparse
-import json
-import re
 import csv
 import io
+import json
+import os
+import re
 import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -324,6 +326,30 @@ def test_process_cache_reads_stat_and_cgroup(tmp_path):
     assert cache.get(43) == cache.GONE          # no such process: no error
     (tmp_path / "42" / "cgroup").write_bytes(b"0::/moved\n")
     assert cache.get(42)[2] == "/evil\\x1b[2J"    # kept for a second
+    # an exited process not yet reaped (a zombie) has exited
+    (tmp_path / "44").mkdir()
+    (tmp_path / "44" / "cgroup").write_bytes(b"0::/\n")
+    (tmp_path / "44" / "stat").write_bytes(b"44 (z) Z" + b" 0" * 18 + b" 250 0 0\n")
+    assert cache.get(44) == cache.GONE
+
+
+def test_process_cache_sees_an_exit_at_the_next_batch():
+    """The kernel is asked at every batch, through a pidfd: an owner that
+    exits is gone at once, not after the cache's second."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    cache = tcpstates.ProcessCache()
+    assert cache.get(child.pid)[0] is not None
+    child.stdin.close()
+    deadline = time.monotonic() + 10
+    while not os.path.exists("/proc/%d" % child.pid) or open(
+            "/proc/%d/stat" % child.pid).read().split(")")[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert cache.get(child.pid)[0] is not None      # same batch: as it was
+    cache.refresh()
+    assert cache.get(child.pid) == cache.GONE      # a zombie has exited
+    child.wait()
 
 
 def test_existing_listeners_parse_proc_net(tmp_path):
