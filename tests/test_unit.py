@@ -189,7 +189,7 @@ def test_ebpf_prints_program_and_cflags():
     assert re.match(r"// cflags: -DFILTER_FAMILY=2 -DFILTER_LPORT=1"
                     r"( -DHAVE_TCP_DESTROY_SOCK=1)?\n", out)
     assert "// local_ports map: 80,443\n" in out
-    assert "TRACEPOINT_PROBE(sock, inet_sock_set_state)" in out
+    assert "int on_set_state(struct tracepoint__sock__inet_sock_set_state *args)" in out
 
 
 @pytest.mark.parametrize("argv, words", [
