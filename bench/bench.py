@@ -41,9 +41,9 @@ import sys
 import tempfile
 import time
 
+import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import common  # noqa: E402
 
 PY = "/usr/bin/python3"
 BPFTRACE = ("bpftrace -e 'tracepoint:sock:inet_sock_set_state "

@@ -24,11 +24,7 @@ import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-import bpfmaps  # noqa: E402
-import common  # noqa: E402
+import common
 
 
 def main():
@@ -71,7 +67,7 @@ def main():
     while load.poll() is None:
         now = time.monotonic()
         if now >= next_sample:
-            socks = bpfmaps.entries("sockets", tracer.pid)
+            socks = common.map_entries("sockets", tracer.pid)
             samples.append({
                 "t": round(now - start, 1), "rss_kib": common.rss_kib(tracer.pid),
                 "socket_map": max((v[0] for v in socks.values()), default=0),
@@ -81,7 +77,7 @@ def main():
         time.sleep(0.2)
     result = json.loads(load.stdout.read() or "{}")
     time.sleep(1.0)
-    socks = bpfmaps.entries("sockets", tracer.pid)
+    socks = common.map_entries("sockets", tracer.pid)
     after = {"rss_kib": common.rss_kib(tracer.pid), "live_sockets": common.live_tcp_sockets(),
              "socket_map": max((v[0] for v in socks.values()), default=0),
              "socket_map_max": max((v[1] for v in socks.values()), default=0)}

@@ -1,21 +1,23 @@
-"""Shared set-up for the tcpstates tests.
+"""Shared set-up for the tcpstates tests: the `live` marker, and the
+session-wide fixtures `journald` and `loadgen`.
 
-Live tests need root, BCC, tracefs and kernel headers. On a developer's
-machine without them they are skipped; in CI (CI=true, or
+A test that loads the BPF program (or otherwise needs root and the real
+kernel) carries `@pytest.mark.live` (or `pytestmark = pytest.mark.live` for
+a whole module); a test that asks for the `journald` fixture is live too.
+Whether the kernel is usable is decided by the tool's own checks
+(tcpstates.check_privileges and the rest): a live test is skipped with the
+tool's own message when one of them fails. In CI (CI=true, or
 TCPSTATES_REQUIRE_LIVE=1, which .ci/run sets) any skip is turned into a
 failure, so a live test can never silently not run there.
 """
+import functools
 import os
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import helpers
+import tcpstates
 
 REQUIRE_LIVE = (os.environ.get("TCPSTATES_REQUIRE_LIVE") == "1"
                 or os.environ.get("CI", "").lower() == "true")
@@ -31,42 +33,51 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = "skipped where live tests are required (CI): %s" % (reason,)
 
 
+@functools.lru_cache(maxsize=None)
 def live_problem():
-    """Why live tests cannot run here, or None if they can."""
-    if os.geteuid() != 0:
-        return "not root"
+    """Why the tool cannot run here (its own message), or None if it can.
+    The checks main() makes before compiling, and the import of BCC that
+    loading does."""
     try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return "BCC (python3-bpfcc) not importable by %s" % sys.executable
-    if not any(os.path.isdir(p + "/events/sock/inet_sock_set_state")
-               for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")):
-        return "tracefs not mounted or tracepoint missing (run setup.sh)"
-    if not os.path.isdir("/lib/modules/%s/build" % os.uname().release):
-        return "no kernel headers (run setup.sh)"
+        tcpstates.check_privileges()
+        tcpstates.check_tracepoint()
+        tcpstates.check_kernel_headers()
+        tcpstates.import_bcc()
+    except tcpstates.Fatal as exc:
+        return str(exc)
     return None
 
 
-@pytest.fixture
-def live():
-    problem = live_problem()
-    if problem:
-        pytest.skip("live test needs the real kernel: " + problem)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "journald" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.live)
 
 
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("live") is not None:
+        problem = live_problem()
+        if problem:
+            pytest.skip("live test needs the real kernel: " + problem)
+
+
+@pytest.fixture(scope="session")
+def loadgen(tmp_path_factory):
+    """bench/loadgen.c, compiled once for the session."""
+    return helpers.build_loadgen(tmp_path_factory.mktemp("loadgen"))
+
+
+# -- journald ----------------------------------------------------------------
 JOURNALD = "/lib/systemd/systemd-journald"
 
 
 def journald_listening():
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        sock.connect(JOURNAL_SOCKET)
-        return True
-    except OSError:
+        tcpstates.check_journald()
+    except tcpstates.Fatal:
         return False
-    finally:
-        sock.close()
+    return True
 
 
 JOURNAL_DIRS = ("/run/systemd", "/run/systemd/journal")
@@ -100,10 +111,7 @@ def journald():
     """A running journald: the machine's, or one started here (and stopped
     again at the end, with the sockets it made removed, so that nothing
     later mistakes them for a running journald; one that was already running
-    is left alone)."""
-    problem = live_problem()
-    if problem:
-        pytest.skip("journal test needs the real kernel: " + problem)
+    is left alone). A test that uses it is live (see above)."""
     if journald_listening():
         yield
         return
@@ -114,11 +122,9 @@ def journald():
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while not journald_listening():
-            if time.monotonic() > deadline or started.poll() is not None:
-                pytest.fail("systemd-journald did not start")
-            time.sleep(0.05)
+        helpers.wait_for(lambda: journald_listening() or started.poll() is not None, 10, 0.05)
+        if not journald_listening():
+            pytest.fail("systemd-journald did not start")
         yield
     finally:
         started.terminate()

@@ -1,6 +1,18 @@
-"""Helpers for live tests: run the tool, make loopback TCP connections."""
+"""The one shared module of the tests: paths, sequences, made-up events
+and the reference renderers for the unit tests, and for the live tests the
+tool run as a child process, loopback connections, helper processes, the
+load generator, and readers of the tool's output and of the journal.
+
+Importable without root or BCC (it needs only tcpstates.py on sys.path,
+which pytest.ini's pythonpath provides). Test modules import from here and
+from nowhere else in tests/; nothing here reaches into bench/ but the load
+generator's C source, compiled by path.
+"""
 import csv
+import io
+import json
 import os
+import queue
 import random
 import re
 import signal
@@ -10,8 +22,16 @@ import sys
 import threading
 import time
 
+import tcpstates
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tcpstates.py")
+TESTS = os.path.join(ROOT, "tests")
+LOADGEN_SOURCE = os.path.join(ROOT, "bench", "loadgen.c")
+# Programs the live tests run as processes of their own (not modules).
+OWNER_PROCS = os.path.join(TESTS, "owner_procs.py")
+SLOW_READER = os.path.join(TESTS, "slow_reader.py")
+JOURNALD_DIES = os.path.join(TESTS, "journald_dies.py")
 
 CLIENT_SEQUENCE = [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"),
                    ("ESTABLISHED", "FIN_WAIT1"), ("FIN_WAIT1", "FIN_WAIT2"),
@@ -23,6 +43,126 @@ LISTENER_SEQUENCE = [("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")]
 EVENTS_PER_SESSION = 12
 
 
+# -- unit: events and a /proc made up for a test ----------------------------
+def make_event(**kw):
+    fields = dict(ts_ns=5_000_000_000, skaddr=0xffff888102ed1280, span_us=300206,
+                  pid=4242, opid=4242, lport=41365, rport=46400,
+                  laddr=socket.inet_pton(socket.AF_INET, "127.0.0.1") + b"\0" * 12,
+                  raddr=socket.inet_pton(socket.AF_INET, "10.1.2.3") + b"\0" * 12,
+                  family=socket.AF_INET, oldstate=1, newstate=4,
+                  flags=tcpstates.SPAN_KNOWN | tcpstates.OWNER_KNOWN,
+                  comm=b"curl".ljust(16, b"\0"), ocomm=b"curl".ljust(16, b"\0"),
+                  osince=4_000_000_000)
+    fields.update(kw)
+    return tcpstates.Event(**fields)
+
+
+def v6_event(**kw):
+    return make_event(family=socket.AF_INET6,
+                      laddr=socket.inet_pton(socket.AF_INET6, "2001:db8::1"),
+                      raddr=socket.inet_pton(socket.AF_INET6, "fe80::abcd:ef01:2345:6789"),
+                      **kw)
+
+
+def args_for(*argv):
+    return tcpstates.parse_args(list(argv))
+
+
+class FakeProcs(tcpstates.ProcessCache):
+    """A /proc made up for a test: {pid: (start_ns, name, cgroup)}, or a
+    function pid -> that or None. A PID not in it has exited. By default
+    every PID runs, started at 0, named "curl" (make_event's name)."""
+
+    def __init__(self, table=None, name="curl", cgroup="/system.slice/curl.service"):
+        self.table = table
+        self.default = (0, name, cgroup)
+
+    def get(self, pid):
+        if self.table is None:
+            return self.default
+        if callable(self.table):
+            return self.table(pid) or self.GONE
+        return self.table.get(pid, self.GONE)
+
+
+def formatter(*argv, clock=None, procs=None):
+    return tcpstates.Formatter(args_for(*argv), clock=clock, procs=procs or FakeProcs())
+
+
+# -- unit: the reference renderers -----------------------------------------
+# The plain statement of the output formats, which the fast row functions in
+# tcpstates.py must match.
+def owner_texts(f, ev):
+    owner = f.procs.owner(ev)
+    if owner is None:
+        return [tcpstates.UNKNOWN] * 4
+    return [str(owner[0]), owner[1], owner[2], owner[3]]
+
+
+def reference_fields(f, ev):
+    """Every shown column of one row as text, field by field."""
+    ev = tcpstates.as_event(ev)
+    a = f.args
+    values = {
+        "TIME": f.clock.hms(ev.ts_ns) if a.time else None,
+        "TIME(s)": "%.6f" % f.clock.since_first(ev.ts_ns) if a.timestamp else None,
+        "SKADDR": "%x" % ev.skaddr, "C-PID": str(ev.pid), "C-COMM": tcpstates.comm_text(ev.comm),
+        "IP": tcpstates.ip_version(ev.family),
+        "LADDR": tcpstates.address_text(ev.family, ev.laddr), "LPORT": str(ev.lport),
+        "RADDR": tcpstates.address_text(ev.family, ev.raddr), "RPORT": str(ev.rport),
+        "OLDSTATE": tcpstates.state_name(ev.oldstate), "->": "->",
+        "NEWSTATE": tcpstates.state_name(ev.newstate), "MS": "%.3f" % (ev.span_us / 1000),
+    }
+    if a.extended:
+        values.update(zip(tcpstates.OWNER_TITLES, owner_texts(f, ev)))
+    return [(title, values[title]) for title, conv in f.columns if conv is not None]
+
+
+def defuse(text):
+    if text[:1] in tcpstates.FORMULA_STARTS and text != tcpstates.UNKNOWN:
+        return "'" + text
+    return text
+
+
+def reference_row(f, ev):
+    if f.mode == "json":
+        raise ValueError("JSON is checked with json_record")
+    fields = reference_fields(f, ev)
+    if f.mode == "csv":
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerow(
+            [defuse(v) if t in ("C-COMM", "O-COMM", "CGROUP") else v for t, v in fields])
+        return out.getvalue()
+    convs = dict(f.columns)
+    return " ".join(tcpstates._title_conversion(convs[t]) % v for t, v in fields) + "\n"
+
+
+def json_record(f, ev):
+    """Every field the tool knows, as the dict one JSON line holds."""
+    ev = tcpstates.as_event(ev)
+    owner = f.procs.owner(ev)
+    return {
+        "time": f.clock.rfc3339(ev.ts_ns),
+        "elapsed": round(f.clock.since_first(ev.ts_ns), 6),
+        "skaddr": "%x" % ev.skaddr,
+        "ip": 4 if ev.family == socket.AF_INET else 6,
+        "laddr": tcpstates.address_text(ev.family, ev.laddr),
+        "lport": ev.lport,
+        "raddr": tcpstates.address_text(ev.family, ev.raddr),
+        "rport": ev.rport,
+        "oldstate": tcpstates.state_name(ev.oldstate),
+        "newstate": tcpstates.state_name(ev.newstate),
+        "span_us": ev.span_us if ev.flags & tcpstates.SPAN_KNOWN else None,
+        "pid": ev.pid,
+        "comm": tcpstates.comm_text(ev.comm),
+        "owner_pid": owner[0] if owner else None,
+        "owner_comm": owner[1] if owner else None,
+        "owner_from": owner[2] if owner else None,
+        "owner_cgroup": owner[3] if owner else None,
+    }
+
+
+# -- live: processes and connections ----------------------------------------
 def default_sigint():
     # A child of a non-interactive shell may inherit SIGINT as ignored.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -73,6 +213,23 @@ def tcp_session(family=socket.AF_INET, hold=0.0, port=None, payload=b"ping"):
     acc.close()
     srv.close()
     return Session(family, port, client_port)
+
+
+def wait_for(predicate, timeout, step=0.02):
+    """Poll predicate() until it is true or timeout seconds pass; its last
+    answer, as a bool."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+def kill_quietly(proc):
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 class TracerRun:
@@ -171,9 +328,7 @@ class TracerRun:
         return self.proc.returncode
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_quietly(self.proc)
 
     def stderr_text(self):
         if self.proc.poll() is None:
@@ -186,6 +341,94 @@ class TracerRun:
     def __exit__(self, *exc):
         self.kill()
 
+
+class Proc:
+    """A helper process speaking a line protocol (owner_procs.py): its
+    stdout lines are read by a thread, so a read can time out. gated=True
+    holds it, PID known, before it runs anything until release(): a tracer
+    can be started on its PID first."""
+
+    def __init__(self, argv, pass_fds=(), gated=False):
+        gate_r = self._gate = None
+        if gated:
+            gate_r, self._gate = os.pipe()
+            argv = [sys.executable, "-c", "import os, sys; os.read(%d, 1); "
+                    "os.execv(sys.argv[1], sys.argv[1:])" % gate_r] + list(argv)
+            pass_fds = tuple(pass_fds) + (gate_r,)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1, pass_fds=pass_fds)
+        if gated:
+            os.close(gate_r)
+        self.pid = self.proc.pid
+        self.lines = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def release(self):
+        os.write(self._gate, b"go")
+        os.close(self._gate)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def read(self, timeout=10):
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no answer from %s in %ss" % (self.proc.args, timeout))
+        assert line is not None, "%s ended early" % (self.proc.args,)
+        return line
+
+    def ask(self, word, timeout=10):
+        self.send(word)
+        return self.read(timeout)
+
+    def send(self, word):
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self):
+        """Tell it to exit; wait until everything holding its stdout ended.
+        Returns its exit status."""
+        try:
+            self.send("exit")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        self.reader.join(10)
+        return self.proc.wait(10)
+
+    def kill(self):
+        kill_quietly(self.proc)
+
+
+# -- live: the load generator ------------------------------------------------
+def build_loadgen(directory):
+    """Compile bench/loadgen.c into directory (with bench/common.py's gcc
+    command) and return the program's path."""
+    out = os.path.join(str(directory), "loadgen")
+    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", out, LOADGEN_SOURCE], check=True)
+    return out
+
+
+def run_load(loadgen, port, *args, cpu=None, timeout=120):
+    """Run the load generator against port to its end (pinned to cpu if
+    given); its JSON report."""
+    argv = [loadgen, "-p", str(port)] + [str(a) for a in args]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu)] + argv
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    # ("errors" are socket() calls refused with EMFILE when its server
+    # falls behind: no connection was attempted, no event made.)
+    result = json.loads(proc.stdout)
+    assert result["connections"] > 0, result
+    return result
+
+
+# -- reading the output --------------------------------------------------------
 
 SUMMARY = re.compile(r"tcpstates: summary: (?P<printed>\d+) printed, (?P<lost>\d+) lost, "
                      r"(?:up to )?(?P<skipped>\d+) skipped by the kernel, "
@@ -223,6 +466,19 @@ def rows_for_port(rows, port):
     return [r for r in rows if r["LPORT"] == str(port) or r["RPORT"] == str(port)]
 
 
+def wait_rows(tracer, ports, count, timeout=10):
+    """Wait until the CSV output holds count rows of these ports (local or
+    remote); those rows (all of them, if more came)."""
+    def mine(lines):
+        return [r for r in parse_csv(lines) if r["LPORT"] in ports or r["RPORT"] in ports]
+    ports = {str(p) for p in ports}
+    ok = tracer.wait_until(lambda ls: len(mine(ls)) >= count, timeout)
+    rows = mine(tracer.snapshot())
+    assert ok, "wanted %d rows, got %d:\n%s" % (count, len(rows), "\n".join(
+        tracer.snapshot()[-30:]))
+    return rows
+
+
 def sockets_of(rows):
     """Rows grouped by SKADDR, in output order."""
     groups = {}
@@ -247,3 +503,25 @@ def classify(rows, session):
         else:
             accepted = group
     return client, accepted, listener
+
+
+# -- the journal -----------------------------------------------------------------
+def read_journal(pid, *match, file=None):
+    """The tool's journal records from process pid (matching match), as
+    dicts; from a journal file instead of the system's if given."""
+    argv = ["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=tcpstates",
+            "_PID=%d" % pid] + list(match)
+    if file:
+        argv.insert(1, "--file=%s" % file)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+    return [json.loads(l) for l in out.splitlines()]
+
+
+def wait_journal(pid, count, *match, timeout=10):
+    """read_journal until it holds count records or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_journal(pid, *match)
+        if len(records) >= count or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)

@@ -1,21 +1,17 @@
 """Run inside a private mount namespace (see test_journal.py): a journald of
-its own, the tracer with -Y, journald killed mid-run. Prints a JSON report."""
+its own, the tracer with -Y, journald killed mid-run. Prints a JSON report.
+Needs the repository's root on PYTHONPATH (helpers imports the tool)."""
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import helpers  # noqa: E402
+import helpers
 
 
 def journal_count(pid):
-    out = subprocess.run(["journalctl", "-o", "json", "--no-pager",
-                          "SYSLOG_IDENTIFIER=tcpstates", "_PID=%d" % pid],
-                         capture_output=True, text=True).stdout
-    return len(out.splitlines())
+    return len(helpers.read_journal(pid))
 
 
 def main():
@@ -31,17 +27,14 @@ def main():
 
 
 def run(port, journald):
-    deadline = time.monotonic() + 10
-    while not os.path.exists("/run/systemd/journal/socket") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    helpers.wait_for(lambda: os.path.exists("/run/systemd/journal/socket"), 10, 0.05)
     report = {}
     with helpers.TracerRun("-Y", "-s", "-L", str(port)) as tracer:
         helpers.tcp_session(port=port)
         tracer.wait_until(lambda ls: len(ls) >= 8, 10)
-        deadline = time.monotonic() + 10
-        while journal_count(tracer.proc.pid) < 7 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        report["journal_before"] = journal_count(tracer.proc.pid)
+        pid = tracer.proc.pid
+        helpers.wait_for(lambda: journal_count(pid) >= 7, 10, 0.1)
+        report["journal_before"] = journal_count(pid)
         journald.send_signal(signal.SIGKILL)
         journald.wait()
         helpers.tcp_session(port=port)

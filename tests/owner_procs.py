@@ -1,5 +1,19 @@
-"""Real processes with known PIDs and names, for the ownership tests of
-test_trust.py. Each reports on stdout and obeys lines read from stdin.
+"""Real processes with known PIDs and names, for the ownership tests
+(test_owner.py, test_trust.py). Each reports on stdout and obeys lines read
+from stdin.
+
+    owner_procs.py server FAMILY PORT NAME [fork]
+        Named NAME: listens on PORT of the loopback address of FAMILY (4 or
+        6), says "ready PID", accepts one connection, reads its first bytes
+        and answers "pong". "close" closes the connection ("closed"),
+        "closelisten" the listener ("closed"), then "exit". With "fork" it
+        hands the accepted socket to a forked child named NAME-child, which
+        says "child PID" and obeys the next "close"; the server closes its
+        own copy at once and waits for the child.
+
+    owner_procs.py client FAMILY PORT NAME
+        Named NAME: connects to PORT, says "connected LPORT", sends "ping",
+        reads the answer. "close" closes it ("closed"), then "exit".
 
     owner_procs.py forklisten PORT
         Named "tsparent": listens on 127.0.0.1:PORT, says "ready PID". On
@@ -63,6 +77,13 @@ def expect(word):
         raise SystemExit("owner_procs: expected %r, got %r" % (word, line))
 
 
+def close_when_told(sock, word="close"):
+    """On WORD, close sock and say "closed"."""
+    expect(word)
+    sock.close()
+    say("closed")
+
+
 def listener(port, reuseport=False, listen=True):
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -72,6 +93,45 @@ def listener(port, reuseport=False, listen=True):
     if listen:
         srv.listen(64)
     return srv
+
+
+def server(family, port, name, fork):
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    set_name(name)
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(4)
+    say("ready %d" % os.getpid())
+    conn, _ = srv.accept()
+    conn.recv(16)
+    conn.sendall(b"pong")
+    if fork:
+        child = os.fork()
+        if child == 0:
+            set_name(name + "-child"[: 15 - len(name)] if len(name) < 15 else name)
+            srv.close()
+            say("child %d" % os.getpid())
+            close_when_told(conn)
+            os._exit(0)
+        conn.close()       # the child still holds it: no state change
+        os.waitpid(child, 0)
+    else:
+        close_when_told(conn)
+    close_when_told(srv, "closelisten")
+    expect("exit")
+
+
+def client(family, port, name):
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    set_name(name)
+    cli = socket.socket(family, socket.SOCK_STREAM)
+    cli.connect((host, port))
+    say("connected %d" % cli.getsockname()[1])
+    cli.sendall(b"ping")
+    cli.recv(16)
+    close_when_told(cli)
+    expect("exit")
 
 
 def forklisten(port):
@@ -87,12 +147,8 @@ def forklisten(port):
     conn, _ = srv.accept()
     conn.recv(16)
     say("accepted")
-    expect("close")
-    conn.close()
-    say("closed")
-    expect("closelisten")
-    srv.close()
-    say("closed")
+    close_when_told(conn)
+    close_when_told(srv, "closelisten")
     expect("exit")
 
 
@@ -218,7 +274,13 @@ def threads(port):
 
 def main():
     role, args = sys.argv[1], sys.argv[2:]
-    if role == "forklisten":
+    if role in ("server", "client"):
+        family = socket.AF_INET6 if args[0] == "6" else socket.AF_INET
+        if role == "server":
+            server(family, int(args[1]), args[2], args[3:4] == ["fork"])
+        else:
+            client(family, int(args[1]), args[2])
+    elif role == "forklisten":
         forklisten(int(args[0]))
     elif role == "nsserver":
         nsserver(int(args[0]))

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 import tcpstates
-from helpers import ROOT, TOOL
-from oracle import FakeProcs, formatter, json_record, make_event, v6_event
+from helpers import ROOT, TOOL, FakeProcs, formatter, json_record, make_event, v6_event
 
 MAN = os.path.join(ROOT, "tcpstates.8")
 EXAMPLES = os.path.join(ROOT, "tcpstates_example.txt")

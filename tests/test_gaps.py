@@ -10,7 +10,7 @@ import pytest
 import helpers
 from helpers import TracerRun, parse_csv, rows_for_port, tcp_session
 
-pytestmark = pytest.mark.usefixtures("live")
+pytestmark = pytest.mark.live
 
 
 def run_one_session(*argv):

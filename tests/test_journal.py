@@ -14,8 +14,8 @@ import pytest
 
 import helpers
 import tcpstates
-from helpers import ROOT, TOOL, TracerRun, parse_csv, rows_for_port, tcp_session
-from oracle import FakeProcs, make_event, v6_event
+from helpers import (ROOT, TOOL, FakeProcs, TracerRun, make_event, parse_csv, read_journal,
+                     rows_for_port, tcp_session, v6_event, wait_journal)
 
 UNDERSCORE = re.compile(r"^_")
 
@@ -198,24 +198,6 @@ def test_catalog_lists_both_message_ids(installed):
 
 
 # -- live ------------------------------------------------------------------
-def read_journal(pid, *match, file=None):
-    argv = ["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=tcpstates",
-            "_PID=%d" % pid] + list(match)
-    if file:
-        argv.insert(1, "--file=%s" % file)
-    out = subprocess.run(argv, capture_output=True, text=True).stdout
-    return [json.loads(l) for l in out.splitlines()]
-
-
-def wait_journal(pid, count, *match, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        records = read_journal(pid, *match)
-        if len(records) >= count or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
-
-
 def check_client_records(records, session, owner_pid):
     """Every field of the client socket's five records."""
     v = "IPV4" if session.family == socket.AF_INET else "IPV6"
@@ -305,6 +287,7 @@ def test_service_style_run_discards_stdout_but_records_everything():
     assert helpers.summary(err)["unsent"] == 0
 
 
+@pytest.mark.live
 def test_journald_not_running_is_one_line():
     proc = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
@@ -316,7 +299,7 @@ def test_journald_not_running_is_one_line():
     assert proc.stdout == ""
 
 
-@pytest.mark.usefixtures("live")
+@pytest.mark.live
 def test_journald_dying_mid_run_is_survived():
     port = helpers.free_port()
     # Private tmpfs over /run (and /var/log/journal if the host has one):
@@ -325,11 +308,12 @@ def test_journald_dying_mid_run_is_survived():
               "if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal || exit 9; fi; "
               'exec "$0" "$1" "$2"')
     # Its own process group: on a timeout the journald and tracer it
-    # started are killed with it, not left running.
+    # started are killed with it, not left running. (It imports helpers,
+    # which imports the tool: the root is on its PYTHONPATH.)
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                             sys.executable, os.path.join(ROOT, "tests", "journald_dies.py"),
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                             sys.executable, helpers.JOURNALD_DIES, str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
     try:
         out, err = proc.communicate(timeout=120)
     finally:

@@ -22,7 +22,7 @@ from helpers import (ACCEPTED_SEQUENCE, CLIENT_SEQUENCE, EVENTS_PER_SESSION,
                      LISTENER_SEQUENCE, TOOL, TracerRun, classify, parse_csv,
                      rows_for_port, table_rows, tcp_session, transitions)
 
-pytestmark = pytest.mark.usefixtures("live")
+pytestmark = pytest.mark.live
 
 
 def run_session_and_collect(tracer, rows_of, family=socket.AF_INET, hold=0.0,

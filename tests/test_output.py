@@ -13,9 +13,9 @@ import pytest
 import helpers
 import tcpstates
 from helpers import (ACCEPTED_SEQUENCE, CLIENT_SEQUENCE, EVENTS_PER_SESSION,
-                     LISTENER_SEQUENCE, TracerRun, parse_csv,
-                     rows_for_port, tcp_session)
-from oracle import FakeProcs, args_for, formatter, json_record, make_event, v6_event
+                     LISTENER_SEQUENCE, TracerRun, args_for, formatter,
+                     json_record, make_event, parse_csv, rows_for_port, tcp_session,
+                     v6_event)
 
 
 # -- unit: JSON ----------------------------------------------------------------
@@ -151,9 +151,6 @@ def test_reorderer_holds_only_what_is_past_the_horizon():
 
 
 # -- live ------------------------------------------------------------------
-live = pytest.mark.usefixtures("live")
-
-
 def json_rows(lines):
     return [json.loads(l) for l in lines if l.startswith("{")]
 
@@ -162,7 +159,7 @@ def json_for_port(rows, port):
     return [r for r in rows if port in (r["lport"], r["rport"])]
 
 
-@live
+@pytest.mark.live
 def test_json_lines_describe_the_connections():
     with TracerRun("-j") as tracer:
         sessions = [tcp_session(socket.AF_INET, hold=0.1), tcp_session(socket.AF_INET6)]
@@ -217,7 +214,7 @@ for _ in range(int(sys.argv[2])):
 """
 
 
-@live
+@pytest.mark.live
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs two CPUs")
 def test_causal_order_across_cpus():
     """Client pinned to CPU 0, server to CPU 1: each socket's events come
@@ -252,7 +249,7 @@ def test_causal_order_across_cpus():
     assert len({r["C-PID"] for r in server_rows}) >= 2
 
 
-@live
+@pytest.mark.live
 def test_failed_connect_filter():
     closed = helpers.free_port()
     with TracerRun("-s", "--from", "syn-sent", "--to", "CLOSE") as tracer:
@@ -269,7 +266,7 @@ def test_failed_connect_filter():
     assert rows_for_port(rows, ok_session.port) == []
 
 
-@live
+@pytest.mark.live
 def test_min_span_filter():
     with TracerRun("-s", "--min-span", "200") as tracer:
         session = tcp_session(hold=0.3)
@@ -282,7 +279,7 @@ def test_min_span_filter():
     assert all(float(r["MS"]) >= 200 for r in parse_csv(tracer.snapshot()))
 
 
-@live
+@pytest.mark.live
 def test_duration_ends_the_run_on_time():
     tracer = TracerRun("-s", "--duration", "1.5")
     ready = time.monotonic()
@@ -297,7 +294,7 @@ def test_duration_ends_the_run_on_time():
     assert len(err.splitlines()) == 1 and helpers.summary(err)["lost"] == 0
 
 
-@live
+@pytest.mark.live
 def test_count_ends_the_run_after_n_events():
     port = helpers.free_port()
     tracer = TracerRun("-s", "--count", "5", "-L", str(port))

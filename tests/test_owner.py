@@ -3,58 +3,22 @@ names, a server and a client, and the owner that tcpstates reports for
 every event of their sockets."""
 import os
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
 
 import helpers
-from helpers import (ACCEPTED_SEQUENCE, CLIENT_SEQUENCE, LISTENER_SEQUENCE,
-                     TracerRun, parse_csv, rows_for_port, transitions)
+from helpers import (ACCEPTED_SEQUENCE, CLIENT_SEQUENCE, LISTENER_SEQUENCE, OWNER_PROCS,
+                     Proc, TracerRun, parse_csv, rows_for_port, transitions, wait_rows)
 
-pytestmark = pytest.mark.usefixtures("live")
-PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py")
+pytestmark = pytest.mark.live
 
 
-class Peer:
-    """peer.py in its own process. gated=True holds it, PID known, before
-    it runs anything until release(): a tracer can be started on its PID."""
-
-    def __init__(self, role, family, port, name, *extra, gated=False):
-        self.name = name
-        argv = [sys.executable, PEER, role, "6" if family == socket.AF_INET6 else "4",
-                str(port), name] + list(extra)
-        gate_r = self._gate = None
-        if gated:
-            gate_r, self._gate = os.pipe()
-            argv = [sys.executable, "-c", "import os, sys; os.read(%d, 1); "
-                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])" % gate_r] + argv[1:]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1, pass_fds=(gate_r,) if gated else ())
-        if gated:
-            os.close(gate_r)
-        self.pid = self.proc.pid
-
-    def release(self):
-        os.write(self._gate, b"go")
-        os.close(self._gate)
-
-    def read(self):
-        line = self.proc.stdout.readline().strip()
-        assert line, "peer %s ended early" % self.name
-        return line
-
-    def send(self, word):
-        self.proc.stdin.write(word + "\n")
-        self.proc.stdin.flush()
-
-    def finish(self):
-        try:
-            self.send("exit")
-        except BrokenPipeError:
-            pass
-        assert self.proc.wait(10) == 0
+def peer(role, family, port, name, *extra, gated=False):
+    """owner_procs.py's server or client, in its own process named name."""
+    return Proc([sys.executable, OWNER_PROCS, role, "6" if family == socket.AF_INET6 else "4",
+                 str(port), name] + list(extra), gated=gated)
 
 
 def close_all(server, client, first="client"):
@@ -68,9 +32,9 @@ def close_all(server, client, first="client"):
 
 
 def start_pair(family, port, fork=False):
-    server = Peer("server", family, port, "tsserver", *(["fork"] if fork else []))
+    server = peer("server", family, port, "tsserver", *(["fork"] if fork else []))
     assert server.read() == "ready %d" % server.pid
-    client = Peer("client", family, port, "tsclient")
+    client = peer("client", family, port, "tsclient")
     client_port = int(client.read().split()[1])
     return server, client, client_port
 
@@ -86,13 +50,6 @@ def owner(rows):
     return {(r["O-PID"], r["O-COMM"]) for r in rows}
 
 
-def wait_rows(tracer, port, count):
-    ok = tracer.wait_until(lambda ls: len(rows_for_port(parse_csv(ls), port)) >= count, 10)
-    rows = rows_for_port(parse_csv(tracer.snapshot()), port)
-    assert ok, "wanted %d rows, got:\n%s" % (count, "\n".join(tracer.snapshot()[-20:]))
-    return rows
-
-
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
 @pytest.mark.parametrize("first", ["client", "server"])
 def test_every_event_carries_its_owner(family, first):
@@ -101,9 +58,9 @@ def test_every_event_carries_its_owner(family, first):
         assert tracer.header.endswith(",MS,O-PID,O-COMM,O-FROM,CGROUP")
         server, client, client_port = start_pair(family, port)
         close_all(server, client, first)
-        rows = wait_rows(tracer, port, 12)   # while both owners are alive
-        server.finish()
-        client.finish()
+        rows = wait_rows(tracer, [port], 12)   # while both owners are alive
+        assert server.finish() == 0
+        assert client.finish() == 0
         assert tracer.stop() == 0
     client_rows, accepted, listener = sockets(rows, port, client_port)
     if first == "client":
@@ -142,12 +99,12 @@ def test_socket_from_before_the_tracer_has_unknown_owner_until_closed():
     try:
         with TracerRun("-s", "-x") as tracer:
             close_all(server, client, first="server")
-            rows = wait_rows(tracer, port, 7)
+            rows = wait_rows(tracer, [port], 7)
             time.sleep(0.3)
             assert tracer.stop() == 0
     finally:
-        server.finish()
-        client.finish()
+        assert server.finish() == 0
+        assert client.finish() == 0
     rows = rows_for_port(parse_csv(tracer.snapshot()), port)
     client_rows, accepted, listener = sockets(rows, port, client_port)
     # The server's close is its own system call: owner known from there on.
@@ -172,20 +129,20 @@ def test_pid_filter_selects_by_owner():
     # listener then predates the tracer, and its sockets are learned from
     # its close()s and from the accepted socket's listener (learned at close
     # time for the listener itself).
-    server = Peer("server", socket.AF_INET, port, "tsserver")
+    server = peer("server", socket.AF_INET, port, "tsserver")
     assert server.read().startswith("ready")
     try:
         with TracerRun("-s", "-x", "-p", str(server.pid)) as tracer:
             other = helpers.tcp_session()
-            client = Peer("client", socket.AF_INET, port, "tsclient")
+            client = peer("client", socket.AF_INET, port, "tsclient")
             client_port = int(client.read().split()[1])
             close_all(server, client)
-            client.finish()
+            assert client.finish() == 0
             tracer.wait_until(lambda ls: any("LISTEN,CLOSE" in l for l in ls), 10)
             time.sleep(0.3)
             assert tracer.stop() == 0
     finally:
-        server.finish()
+        assert server.finish() == 0
     rows = parse_csv(tracer.snapshot())
     assert rows, tracer.snapshot()
     assert owner(rows) == {(str(server.pid), "tsserver")}
@@ -202,20 +159,20 @@ def test_pid_filter_with_listener_seen_by_the_tracer():
     port = helpers.free_port()
     # The server is held before it runs, so its PID is known and its
     # listener comes after the tracer.
-    server = Peer("server", socket.AF_INET, port, "tsserver", gated=True)
+    server = peer("server", socket.AF_INET, port, "tsserver", gated=True)
     try:
         with TracerRun("-s", "-x", "-p", str(server.pid)) as tracer:
             server.release()
             assert server.read() == "ready %d" % server.pid
-            client = Peer("client", socket.AF_INET, port, "tsclient")
+            client = peer("client", socket.AF_INET, port, "tsclient")
             client_port = int(client.read().split()[1])
             close_all(server, client)
-            client.finish()
-            rows = wait_rows(tracer, port, 7)
+            assert client.finish() == 0
+            rows = wait_rows(tracer, [port], 7)
             time.sleep(0.3)
             assert tracer.stop() == 0
     finally:
-        server.finish()
+        assert server.finish() == 0
     rows = rows_for_port(parse_csv(tracer.snapshot()), port)
     client_rows, accepted, listener = sockets(rows, port, client_port)
     assert client_rows == []
@@ -230,9 +187,9 @@ def test_forked_child_becomes_the_owner():
         server, client, client_port = start_pair(socket.AF_INET, port, fork=True)
         child_pid = int(server.read().split()[1])
         close_all(server, client, first="server")   # the child reads "close"
-        server.finish()
-        client.finish()
-        rows = wait_rows(tracer, port, 12)
+        assert server.finish() == 0
+        assert client.finish() == 0
+        rows = wait_rows(tracer, [port], 12)
         assert tracer.stop() == 0
     _, accepted, listener = sockets(rows, port, client_port)
     by_transition = {(r["OLDSTATE"], r["NEWSTATE"]): (r["O-PID"], r["O-COMM"]) for r in accepted}

@@ -17,26 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import helpers
 import tcpstates
-from helpers import ROOT, TOOL, TracerRun, parse_csv, tcp_session
-
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import common  # noqa: E402
-
-live = pytest.mark.usefixtures("live")
-
-
-@pytest.fixture(scope="module")
-def loadgen():
-    return common.build_loadgen()
-
-
-def run_load(loadgen, port, *args, cpu=None, timeout=120):
-    argv = [loadgen, "-p", str(port)] + [str(a) for a in args]
-    if cpu is not None:
-        argv = ["taskset", "-c", str(cpu)] + argv
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+from helpers import ROOT, TOOL, TracerRun, parse_csv, read_journal, run_load, tcp_session
 
 
 # -- loss ----------------------------------------------------------------
@@ -65,16 +46,13 @@ def test_overflow_is_counted_reported_and_journaled(loadgen):
     assert rows + numbers["lost"] == expected
     assert re.search(r"^tcpstates: lost \d+ events \(%d in all\): perf buffers overflowed$"
                      % numbers["lost"], tracer.stderr, re.M), tracer.stderr
-    out = subprocess.run(["journalctl", "-o", "json", "--no-pager", "_PID=%d" % tracer.proc.pid,
-                          "MESSAGE_ID=%s" % tcpstates.JOURNAL_LOST_MESSAGE_ID],
-                         capture_output=True, text=True).stdout
-    records = [json.loads(l) for l in out.splitlines()]
+    records = read_journal(tracer.proc.pid, "MESSAGE_ID=%s" % tcpstates.JOURNAL_LOST_MESSAGE_ID)
     assert records and records[-1]["PRIORITY"] == "4"
     assert int(records[-1]["TCPSTATES_LOST_TOTAL"]) == numbers["lost"] + numbers["skipped"]
     assert sum(int(r["TCPSTATES_LOST"]) for r in records) == numbers["lost"] + numbers["skipped"]
 
 
-@live
+@pytest.mark.live
 def test_kernel_skips_are_read_from_the_program():
     """recursion_misses is read from the loaded program's info and reported
     in the summary (0 here: nothing else runs BPF on these CPUs)."""
@@ -101,7 +79,7 @@ def _run_main_with_traffic(argv):
             signal.signal(s, h)
 
 
-@live
+@pytest.mark.live
 def test_failure_in_the_perf_callback_ends_the_run(monkeypatch, capsys):
     def broken(chunk, sink):
         raise ValueError("injected fault")
@@ -113,7 +91,7 @@ def test_failure_in_the_perf_callback_ends_the_run(monkeypatch, capsys):
     assert "Exception ignored" not in err
 
 
-@live
+@pytest.mark.live
 def test_failure_while_formatting_is_one_line(monkeypatch, capsys):
     def broken(ev):
         raise RuntimeError("format fault")
@@ -123,7 +101,7 @@ def test_failure_while_formatting_is_one_line(monkeypatch, capsys):
 
 
 # -- signals ---------------------------------------------------------------
-@live
+@pytest.mark.live
 @pytest.mark.parametrize("attempt", range(3))
 def test_sigint_under_heavy_load_stops_at_once(loadgen, attempt):
     port = helpers.free_port()
@@ -145,7 +123,7 @@ def test_sigint_under_heavy_load_stops_at_once(loadgen, attempt):
     assert helpers.summary(tracer.stderr)["printed"] == len(tracer.snapshot()) - 1
 
 
-@live
+@pytest.mark.live
 def test_sigterm_under_load_keeps_every_row_read(loadgen, tmp_path):
     port = helpers.free_port()
     out = tmp_path / "rows.csv"
@@ -169,7 +147,7 @@ def test_sigterm_under_load_keeps_every_row_read(loadgen, tmp_path):
     assert helpers.summary(err)["printed"] == len(rows)
 
 
-@live
+@pytest.mark.live
 def test_background_job_with_sigint_ignored_stops_on_sigterm():
     def ignore_sigint():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -184,7 +162,7 @@ def test_background_job_with_sigint_ignored_stops_on_sigterm():
 
 
 # -- bounded memory, busy servers --------------------------------------------
-@live
+@pytest.mark.live
 def test_short_soak_memory_and_map_stay_bounded():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "soak.py"),
                            "--duration", "15", "--every", "3", "--rate", "1500",
@@ -199,7 +177,7 @@ def test_short_soak_memory_and_map_stay_bounded():
     assert report["rss_growth_kib"] <= 8192
 
 
-@live
+@pytest.mark.live
 def test_spans_beyond_map_capacity_are_unknown_never_wrong():
     """4000 live sockets, a per-socket map of 256: evicted sockets must show
     an unknown span, and every known span must be exactly right."""
@@ -257,7 +235,7 @@ def unit_capabilities():
     return [c.lower().replace("cap_", "") for c in line.split("=", 1)[1].split()]
 
 
-@live
+@pytest.mark.live
 def test_runs_with_the_unit_capabilities_and_a_read_only_root():
     caps = unit_capabilities()
     assert sorted(caps) == ["bpf", "perfmon"]
@@ -284,7 +262,7 @@ def test_runs_with_the_unit_capabilities_and_a_read_only_root():
                           .decode()] + out.decode().splitlines())) == 7
 
 
-@live
+@pytest.mark.live
 def test_missing_capability_is_one_line_before_compiling():
     start = time.monotonic()
     proc = subprocess.run(["setpriv", "--bounding-set=-all,+perfmon", "--inh-caps=-all",

@@ -7,12 +7,11 @@ listener in another network namespace, not one of two processes listening
 on one port, not a thread's name.
 
 Every test drives real processes (bench/loadgen.c, tests/owner_procs.py,
-tests/peer.py, tests/slow_reader.py) against the real BPF program."""
+tests/slow_reader.py) against the real BPF program."""
 import csv
 import fcntl
 import json
 import os
-import queue
 import re
 import signal
 import socket
@@ -20,47 +19,21 @@ import struct
 import subprocess
 import sys
 import termios
-import threading
 import time
 
 import pytest
 
 import helpers
-from helpers import ROOT, TOOL, TracerRun, parse_csv, rows_for_port
+from helpers import (OWNER_PROCS, SLOW_READER, TOOL, Proc, TracerRun, kill_quietly, parse_csv,
+                     rows_for_port, run_load, wait_for, wait_journal, wait_rows)
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import common  # noqa: E402
-
-pytestmark = pytest.mark.usefixtures("live")
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-SLOW_READER = os.path.join(HERE, "slow_reader.py")
-OWNER_PROCS = os.path.join(HERE, "owner_procs.py")
-PEER = os.path.join(HERE, "peer.py")
+pytestmark = pytest.mark.live
 
 CSV_HEADER = ["SKADDR", "C-PID", "C-COMM", "IP", "LADDR", "LPORT", "RADDR", "RPORT",
               "OLDSTATE", "NEWSTATE", "MS"]
 STATES = {"ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
           "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV",
           "BOUND_INACTIVE"}
-
-
-@pytest.fixture(scope="module")
-def loadgen():
-    return common.build_loadgen()
-
-
-def run_load(loadgen, port, *args, cpu=None, timeout=60):
-    argv = [loadgen, "-p", str(port)] + [str(a) for a in args]
-    if cpu is not None:
-        argv = ["taskset", "-c", str(cpu)] + argv
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
-    # ("errors" are socket() calls refused with EMFILE when its server
-    # falls behind: no connection was attempted, no event made.)
-    result = json.loads(proc.stdout)
-    assert result["connections"] > 0, result
-    return result
 
 
 def pipe_pending(fd):
@@ -79,15 +52,6 @@ def read_to_eof(fd, timeout=10):
             break
         chunks.append(data)
     return b"".join(chunks)
-
-
-def wait_for(predicate, timeout, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 def whole_rows(text, header=CSV_HEADER):
@@ -113,12 +77,6 @@ def check_accounted(numbers, expected):
     kernel skipped (host-wide, so an upper bound) may make up the rest."""
     counted = numbers["printed"] + numbers["lost"] + numbers["not_written"]
     assert counted <= expected <= counted + numbers["skipped"], (numbers, expected)
-
-
-def kill_quietly(proc):
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
 
 
 # -- the stop signal and slow or stalled output ------------------------------
@@ -382,53 +340,6 @@ def test_sigint_during_compile_exits_cleanly(delay):
 
 
 # -- owners --------------------------------------------------------------------
-class Proc:
-    """A helper process speaking a line protocol (owner_procs.py, peer.py):
-    its stdout lines are read by a thread, so a read can time out."""
-
-    def __init__(self, argv, pass_fds=()):
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1, pass_fds=pass_fds)
-        self.pid = self.proc.pid
-        self.lines = queue.Queue()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-        self.lines.put(None)
-
-    def read(self, timeout=10):
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError("no answer from %s in %ss" % (self.proc.args, timeout))
-        assert line is not None, "%s ended early" % (self.proc.args,)
-        return line
-
-    def ask(self, word, timeout=10):
-        self.send(word)
-        return self.read(timeout)
-
-    def send(self, word):
-        self.proc.stdin.write(word + "\n")
-        self.proc.stdin.flush()
-
-    def finish(self):
-        """Tell it to exit; wait until everything holding its stdout ended."""
-        try:
-            self.send("exit")
-            self.proc.stdin.close()
-        except (BrokenPipeError, ValueError):
-            pass
-        self.reader.join(10)
-        self.proc.wait(10)
-
-    def kill(self):
-        kill_quietly(self.proc)
-
-
 def pid_named(pid, name):
     try:
         with open("/proc/%d/comm" % pid) as f:
@@ -451,17 +362,6 @@ def owner_of(row):
 
 
 UNKNOWN_OWNER = ("-", "-", "-")
-
-
-def wait_rows(tracer, ports, count, timeout=10):
-    def mine(lines):
-        return [r for r in parse_csv(lines) if r["LPORT"] in ports or r["RPORT"] in ports]
-    ports = {str(p) for p in ports}
-    ok = tracer.wait_until(lambda ls: len(mine(ls)) >= count, timeout)
-    rows = mine(tracer.snapshot())
-    assert ok, "wanted %d rows, got %d:\n%s" % (count, len(rows), "\n".join(
-        tracer.snapshot()[-30:]))
-    return rows
 
 
 @pytest.mark.parametrize("parent_end", ["reaped", "zombie"])
@@ -625,13 +525,6 @@ def test_two_processes_listening_at_once_make_the_owner_unknown():
             assert owner_of(r) == UNKNOWN_OWNER, r
 
 
-def read_journal(pid, *match):
-    argv = ["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=tcpstates",
-            "_PID=%d" % pid] + list(match)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
-    return [json.loads(l) for l in out.splitlines()]
-
-
 @pytest.mark.usefixtures("journald")
 def test_inherited_owner_is_shown_as_such_in_csv_json_and_journal():
     """A plain server listens and accepts itself: the accepted socket's first
@@ -643,7 +536,7 @@ def test_inherited_owner_is_shown_as_such_in_csv_json_and_journal():
     with TracerRun("-s", "-x", "-Y", "-L", str(port)) as csv_tracer, \
             TracerRun("-j", "-x") as json_tracer:
         try:
-            server = Proc([sys.executable, PEER, "server", "4", str(port), "tsserver"])
+            server = Proc([sys.executable, OWNER_PROCS, "server", "4", str(port), "tsserver"])
             assert server.read() == "ready %d" % server.pid
             client = socket.create_connection(("127.0.0.1", port), timeout=5)
             client.sendall(b"ping")
@@ -653,14 +546,8 @@ def test_inherited_owner_is_shown_as_such_in_csv_json_and_journal():
             needle = '"lport":%d,' % port
             assert json_tracer.wait_until(
                 lambda ls: sum(needle in l for l in ls) >= 3, 10), json_tracer.snapshot()[-10:]
-            deadline = time.monotonic() + 10
-            while True:
-                records = read_journal(csv_tracer.proc.pid, "OBJECT_TCP_SOURCE_PORT=%d" % port,
-                                       "OBJECT_TCP_OLD_STATE=LISTEN",
-                                       "OBJECT_TCP_NEW_STATE=SYN_RECV")
-                if records or time.monotonic() > deadline or csv_tracer.proc.poll() is not None:
-                    break
-                time.sleep(0.1)
+            records = wait_journal(csv_tracer.proc.pid, 1, "OBJECT_TCP_SOURCE_PORT=%d" % port,
+                                   "OBJECT_TCP_OLD_STATE=LISTEN", "OBJECT_TCP_NEW_STATE=SYN_RECV")
             client.close()
             client = None
             assert server.ask("close") == "closed"

@@ -14,9 +14,8 @@ import time
 import pytest
 
 import tcpstates
-from helpers import TOOL
-from oracle import (FakeProcs, args_for, formatter, json_record, make_event, reference_row,
-                    v6_event)
+from helpers import (TOOL, FakeProcs, args_for, formatter, json_record, make_event,
+                     reference_row, v6_event)
 
 
 # -- ports -------------------------------------------------------------------
