@@ -41,6 +41,7 @@ Tracer.summary and in the man page's LOSS ACCOUNTING.
 """
 
 import argparse
+import base64
 import bisect
 import collections
 import ctypes
@@ -1015,15 +1016,24 @@ class Formatter:
         return full_row
 
 
-def lost_fields(lost, total):
+def lost_fields(lost, total, gaps=0, gaps_total=0):
+    """The journal record of a period's loss: events lost or skipped by the
+    kernel, and transitions found missing from sockets' histories."""
+    parts = []
+    if lost or not gaps:
+        parts.append("lost %d events (%d since start)" % (lost, total))
+    if gaps:
+        parts.append("found %d transitions missing from sockets' histories (%d since start)"
+                     % (gaps, gaps_total))
     return {
-        "MESSAGE": "tcpstates lost %d events (%d since start): the journal has a gap"
-                   % (lost, total),
+        "MESSAGE": "tcpstates %s: the journal has a gap" % " and ".join(parts),
         "MESSAGE_ID": JOURNAL_LOST_MESSAGE_ID,
         "PRIORITY": str(LOG_WARNING),
         "SYSLOG_IDENTIFIER": JOURNAL_IDENTIFIER,
         "TCPSTATES_LOST": str(lost),
         "TCPSTATES_LOST_TOTAL": str(total),
+        "TCPSTATES_GAPS": str(gaps),
+        "TCPSTATES_GAPS_TOTAL": str(gaps_total),
     }
 
 
@@ -1098,8 +1108,8 @@ class JournalWriter:
     def event(self, ev):
         self._send(journal_fields(ev, self.clock, self.procs.owner(ev)))
 
-    def lost(self, lost, total):
-        self._send(lost_fields(lost, total))
+    def lost(self, lost, total, gaps=0, gaps_total=0):
+        self._send(lost_fields(lost, total, gaps, gaps_total))
 
 
 # ---------------------------------------------------------------------------
@@ -1329,20 +1339,399 @@ class _StderrCapture:
         return lines[-1].strip()[:200] if lines else ""
 
 
+# -- the program in the kernel, without BCC's compiler ---------------------
+# BCC compiles with clang inside libbcc.so (about 0.4 s of CPU and 140 MB
+# here, 74 MB of it for loading the library at all). What it produces is
+# kept: the instructions, the table of maps, and which instructions load
+# which map. From that description Program makes the maps, loads and
+# attaches the functions through libbcc_bpf.so.0, BCC's small C library
+# (libbpf, no LLVM). Cold and warm runs both go through Program: from the
+# load on they are the same code.
+BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
+BPF_PERCPU_MAP_TYPES = (5, 6, 10)       # percpu hash, percpu array, lru percpu hash
+BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_INSN = struct.Struct("<BBhi")       # code, dst:4 | src:4, off, imm
+BPF_LD_IMM64 = 0x18                     # takes two instruction slots
+BPF_CALL = 0x85
+BPF_PSEUDO_MAP_FD = 1                   # src_reg of a map load by fd
+BPF_PSEUDO_KFUNC_CALL = 2
+VERIFIER_LOG_SIZE = 1 << 20
+CACHE_FORMAT = 1                        # of the saved description
+CACHE_DIR = "/var/cache/tcpstates"
+CACHE_KEEP = 32                         # entries kept; older ones are removed
+
+
+class ProgramError(Exception):
+    """A saved program that cannot be used on this machine."""
+
+
+_LIBBPF = []
+
+
+def libbpf():
+    """libbcc_bpf.so.0 with the signatures used here (BCC's libbpf.h)."""
+    if _LIBBPF:
+        return _LIBBPF[0]
+    try:
+        lib = ctypes.CDLL("libbcc_bpf.so.0", use_errno=True)
+    except OSError:
+        raise Fatal("BCC's library libbcc_bpf.so.0 is missing; install python3-bpfcc") from None
+    i, u, s, p = ctypes.c_int, ctypes.c_uint, ctypes.c_char_p, ctypes.c_void_p
+    for name, restype, argtypes in (
+            ("bcc_create_map", i, [i, s, i, i, i, i]),
+            ("bcc_prog_load", i, [i, s, p, i, s, u, i, p, u]),
+            ("bpf_attach_tracepoint", i, [i, s, s]),
+            ("bpf_close_perf_event_fd", i, [i]),
+            ("bpf_update_elem", i, [i, p, p, ctypes.c_ulonglong]),
+            ("bpf_lookup_elem", i, [i, p, p]),
+            ("bpf_obj_get_info", i, [i, p, ctypes.POINTER(ctypes.c_uint32)]),
+            ("bpf_open_perf_buffer_opts", p, [p, p, p, i, p]),
+            ("perf_reader_poll", i, [i, p, i]),
+            ("perf_reader_consume", i, [i, p]),
+            ("perf_reader_fd", i, [p]),
+            ("perf_reader_free", None, [p])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    _LIBBPF.append(lib)
+    return lib
+
+
+def _errno_text(what):
+    return "%s: %s" % (what, os.strerror(ctypes.get_errno()))
+
+
+def cpu_list(path):
+    """CPU numbers from a sysfs list such as "0-3,8"."""
+    with open(path) as f:
+        text = f.read().strip()
+    cpus = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def compile_program(cflags, hooks):
+    """Compile BPF_PROGRAM with BCC and describe the result for Program:
+    {"maps": {name: {type, key_size, value_size, max_entries, flags}},
+     "functions": [{name, tracepoint, license, kern_version, insns (base64),
+     relocs {index: map name}}]}. BCC's own maps are dropped afterwards."""
+    bcc = import_bcc()
+    with _StderrCapture() as capture:
+        try:
+            bpf = bcc.BPF(text=BPF_PROGRAM.encode(), cflags=cflags)
+        except Exception:
+            bpf = None
+    if bpf is None:
+        detail = capture.first_error()
+        raise Fatal("compiling the BPF program failed%s; check that the kernel headers "
+                    "match (see setup.sh)" % (": " + detail if detail else ""))
+    try:
+        return describe_program(bpf, hooks)
+    finally:
+        bpf.cleanup()
+
+
+def describe_program(bpf, hooks):
+    from bcc.libbcc import lib
+    z, vp = ctypes.c_size_t, ctypes.c_void_p
+    for name, restype in (("bpf_num_tables", z), ("bpf_table_name", ctypes.c_char_p),
+                          ("bpf_table_fd_id", ctypes.c_int), ("bpf_table_type_id", ctypes.c_int),
+                          ("bpf_table_key_size_id", z), ("bpf_table_leaf_size_id", z),
+                          ("bpf_table_max_entries_id", z), ("bpf_table_flags_id", ctypes.c_int),
+                          ("bpf_module_license", ctypes.c_char_p),
+                          ("bpf_module_kern_version", ctypes.c_uint)):
+        getattr(lib, name).restype = restype
+        getattr(lib, name).argtypes = [vp] if name.startswith(("bpf_num", "bpf_module")) \
+            else [vp, z]
+    module = bpf.module
+    maps, by_fd = {}, {}
+    for index in range(lib.bpf_num_tables(module)):
+        name = lib.bpf_table_name(module, index).decode()
+        maps[name] = {"type": lib.bpf_table_type_id(module, index),
+                      "key_size": lib.bpf_table_key_size_id(module, index),
+                      "value_size": lib.bpf_table_leaf_size_id(module, index),
+                      "max_entries": lib.bpf_table_max_entries_id(module, index),
+                      "flags": lib.bpf_table_flags_id(module, index)}
+        by_fd[lib.bpf_table_fd_id(module, index)] = name
+    functions = []
+    for name, tracepoint in hooks:
+        code = bytearray(bpf.dump_func(name.encode()))
+        relocs = map_loads(code, by_fd)
+        for index in relocs:                # no fd of this process in the copy
+            struct.pack_into("<i", code, index * BPF_INSN.size + 4, 0)
+        functions.append({
+            "name": name, "tracepoint": tracepoint,
+            # BCC passes the module's licence ("GPL": the program calls
+            # GPL-only helpers) and the kernel version of the headers it
+            # compiled against, which the kernel ignores since 5.0.
+            "license": lib.bpf_module_license(module).decode(),
+            "kern_version": lib.bpf_module_kern_version(module),
+            "insns": base64.b64encode(bytes(code)).decode("ascii"),
+            "relocs": {str(index): map_name for index, map_name in relocs.items()}})
+    return {"maps": maps, "functions": functions}
+
+
+def map_loads(code, by_fd):
+    """{instruction index: map name} of every map load by fd; anything else
+    that ties the code to this process or to BTF is refused."""
+    relocs = {}
+    index, count = 0, len(code) // BPF_INSN.size
+    while index < count:
+        op, regs, _off, imm = BPF_INSN.unpack_from(code, index * BPF_INSN.size)
+        if op == BPF_LD_IMM64:
+            if regs >> 4 == BPF_PSEUDO_MAP_FD and imm in by_fd:
+                relocs[index] = by_fd[imm]
+            elif regs >> 4:
+                raise Fatal("the compiled program has a load the cache cannot "
+                            "replay (instruction %d)" % index)
+            index += 2
+            continue
+        if op == BPF_CALL and regs >> 4 == BPF_PSEUDO_KFUNC_CALL:
+            raise Fatal("the compiled program calls a kernel function the cache "
+                        "cannot replay (instruction %d)" % index)
+        index += 1
+    return relocs
+
+
+class Program:
+    """The program in the kernel, made from a description (compile_program's,
+    or the cache's): maps created, functions loaded, attached by hand once
+    the maps are filled and the perf rings open. Raises ProgramError when
+    the description does not fit this machine (the kernel's verifier checks
+    every instruction again); nothing is left open then."""
+
+    def __init__(self, saved):
+        self.lib = libbpf()
+        self.maps, self.info, self.fds, self.links = {}, {}, [], []
+        self.hooks = []
+        self.ncpus = len(cpu_list("/sys/devices/system/cpu/possible"))
+        try:
+            for name, info in saved["maps"].items():
+                self._create_map(name, dict(info))
+            for function in saved["functions"]:
+                self._load(function)
+        except (KeyError, ValueError, TypeError) as exc:
+            self.close()
+            raise ProgramError("malformed description: %s" % exc) from None
+        except BaseException:
+            self.close()
+            raise
+        self.prog_fd = self.hooks[0][0]
+
+    def _create_map(self, name, info):
+        if info["type"] == BPF_MAP_TYPE_PERF_EVENT_ARRAY:
+            # one slot per possible CPU of this machine
+            info["max_entries"] = max(cpu_list("/sys/devices/system/cpu/possible")) + 1
+        fd = self.lib.bcc_create_map(info["type"], name[:15].encode(), info["key_size"],
+                                     info["value_size"], info["max_entries"], info["flags"])
+        if fd < 0:
+            raise ProgramError(_errno_text("creating map %s" % name))
+        self.maps[name], self.info[name] = fd, info
+        self.fds.append(fd)
+
+    def _load(self, function):
+        code = bytearray(base64.b64decode(function["insns"], validate=True))
+        for index, name in function["relocs"].items():
+            offset = int(index) * BPF_INSN.size
+            if code[offset] != BPF_LD_IMM64 or code[offset + 1] >> 4 != BPF_PSEUDO_MAP_FD:
+                raise ProgramError("instruction %s is no map load" % index)
+            struct.pack_into("<i", code, offset + 4, self.maps[name])
+        log = ctypes.create_string_buffer(VERIFIER_LOG_SIZE)
+        insns = (ctypes.c_char * len(code)).from_buffer(code)
+        # On a refusal libbcc_bpf loads again to fill the log, and prints it:
+        # the log's last line is the reason, and the only line shown.
+        with _StderrCapture():
+            fd = self.lib.bcc_prog_load(BPF_PROG_TYPE_TRACEPOINT, function["name"][:15].encode(),
+                                        insns, len(code), function["license"].encode(),
+                                        function["kern_version"], 0, log, VERIFIER_LOG_SIZE)
+        if fd < 0:
+            err = os.strerror(ctypes.get_errno())
+            reason = [line for line in log.value.decode("utf-8", "replace").splitlines()
+                      if line.strip() and not line.startswith(("processed ", "verification"))]
+            raise ProgramError("the kernel refused %s: %s%s" % (
+                function["name"], err, (": " + reason[-1][:200]) if reason else ""))
+        self.fds.append(fd)
+        self.hooks.append((fd, function["tracepoint"]))
+
+    def attach(self):
+        for fd, tracepoint in self.hooks:
+            category, event = tracepoint.split(":")
+            link = self.lib.bpf_attach_tracepoint(fd, category.encode(), event.encode())
+            if link < 0:
+                raise OSError(ctypes.get_errno(), _errno_text("attaching to " + tracepoint))
+            self.links.append(link)
+
+    def detach(self):
+        """The last attached first: the destroy hook goes before the main
+        program, else it would count every later close as a gap."""
+        while self.links:
+            self.lib.bpf_close_perf_event_fd(self.links.pop())
+
+    def update(self, name, key, value):
+        if self.lib.bpf_update_elem(self.maps[name], key, value, 0) != 0:
+            raise OSError(ctypes.get_errno(), _errno_text("updating map " + name))
+
+    def percpu_sum(self, name, index):
+        """The sum over CPUs of a per-CPU array's u64 at index."""
+        value = ctypes.create_string_buffer(8 * self.ncpus)
+        key = struct.pack("<I", index)
+        if self.lib.bpf_lookup_elem(self.maps[name], key, value) != 0:
+            return 0
+        return sum(struct.unpack("<%dQ" % self.ncpus, value.raw))
+
+    def close(self):
+        self.detach()
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+def bcc_version():
+    """BCC's version, read without importing it (that would load LLVM)."""
+    import importlib.util
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.origin:
+        return ""
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), "version.py")) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cache_key(cflags, hooks, *, bcc=None, release=None, formats=None, cpus=None):
+    """The name of a compiled program in the cache: a hash of everything its
+    instructions depend on. The keyword arguments are for tests; by default
+    each is read from this machine."""
+    if formats is None:
+        formats = {}
+        for _name, tracepoint in hooks:
+            try:
+                with open(os.path.join(find_tracefs() or "", "events",
+                                       *tracepoint.split(":"), "format")) as f:
+                    formats[tracepoint] = f.read()
+            except OSError:
+                formats[tracepoint] = ""
+    parts = {
+        "cache_format": CACHE_FORMAT,
+        "program": BPF_PROGRAM,
+        "cflags": list(cflags),
+        "hooks": [list(hook) for hook in hooks],
+        "event_layout": EVENT_STRUCT.format,
+        "bcc": bcc_version() if bcc is None else bcc,
+        "kernel": (os.uname().release, os.uname().machine) if release is None else release,
+        # BCC compiles args->field into the offsets these files give
+        "tracepoint_formats": formats,
+        "possible_cpus": cpus if cpus is not None else cpu_list(
+            "/sys/devices/system/cpu/possible"),
+    }
+    import hashlib
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class ProgramCache:
+    """Compiled programs on disk, one file per key: a SHA-256 of the rest on
+    the first line, the description as JSON after it. Root loads these into
+    the kernel, so a file (or directory) not owned by root, or writable by
+    group or others, is ignored with a warning. Written atomically (a
+    temporary file, then rename). A directory that cannot be made or
+    written (a read-only file system) only means compiling every time."""
+
+    def __init__(self, directory, warn):
+        self.directory = directory
+        self.warn = warn
+
+    def _safe(self, path, st):
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            self.warn("cache: %s is not owned by root or is writable by others; ignored"
+                      % path)
+            return False
+        return True
+
+    def read(self, key):
+        path = os.path.join(self.directory, key)
+        try:
+            with open(path, "rb") as f:
+                if not (self._safe(self.directory, os.stat(self.directory))
+                        and self._safe(path, os.fstat(f.fileno()))):
+                    return None
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self.warn("cache: cannot read %s (%s); compiling" % (path, exc.strerror))
+            return None
+        import hashlib
+        checksum, _, body = data.partition(b"\n")
+        try:
+            if hashlib.sha256(body).hexdigest().encode() != checksum:
+                raise ValueError("checksum mismatch")
+            return json.loads(body)
+        except ValueError as exc:
+            self.warn("cache: %s is damaged (%s); compiling" % (path, exc))
+            return None
+
+    def write(self, key, saved):
+        import hashlib
+        import tempfile
+        body = json.dumps(saved, sort_keys=True).encode()
+        data = hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if not self._safe(self.directory, os.stat(self.directory)):
+                return
+            fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".new-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(temp, os.path.join(self.directory, key))
+            except BaseException:
+                os.unlink(temp)
+                raise
+            self._prune()
+        except OSError:
+            pass                # read-only or full: compile next time too
+
+    def _prune(self):
+        entries = []
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if len(name) == 64 and not name.startswith("."):
+                entries.append((os.stat(path).st_mtime, path))
+        for _mtime, path in sorted(entries)[:-CACHE_KEEP]:
+            os.unlink(path)
+
+
+def load_program(cflags, hooks, cache, warn):
+    """The program in the kernel: from the cache when it holds this
+    configuration and the kernel takes it, else compiled (and cached)."""
+    key = cache_key(cflags, hooks) if cache else None
+    saved = cache.read(key) if cache else None
+    if saved is not None:
+        try:
+            return Program(saved)
+        except ProgramError as exc:
+            warn("cache: the cached program cannot be used (%s); compiling" % exc)
+    saved = compile_program(cflags, hooks)
+    try:
+        program = Program(saved)
+    except ProgramError as exc:
+        raise Fatal("loading the BPF program failed: %s" % exc) from None
+    if cache:
+        cache.write(key, saved)
+    return program
+
+
 def prog_recursion_misses(fd):
     """The kernel's count of times it skipped this program, or None where
     the kernel does not report it."""
     if fd is None:
         return None
-    try:
-        from bcc.libbcc import lib
-        get_info = lib.bpf_obj_get_info
-    except (ImportError, AttributeError):
-        return None
-    get_info.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     buf = ctypes.create_string_buffer(PROG_INFO_SIZE)
     size = ctypes.c_uint32(PROG_INFO_SIZE)
-    if get_info(fd, buf, ctypes.byref(size)) != 0:
+    if libbpf().bpf_obj_get_info(fd, buf, ctypes.byref(size)) != 0:
         return None
     return parse_recursion_misses(buf.raw, size.value)
 
@@ -1397,7 +1786,7 @@ class PerfRings:
     data needs no barrier that Python cannot give); elsewhere tcpstates uses
     BCC's reader."""
 
-    def __init__(self, table, cpus, pages, wakeup):
+    def __init__(self, store, cpus, pages, wakeup):
         import mmap
         import select
         libc = ctypes.CDLL(None, use_errno=True)
@@ -1417,7 +1806,7 @@ class PerfRings:
                 self.rings.append((fd, ring, pages * PAGE_SIZE))
                 if self._ioctl(fd, PERF_EVENT_IOC_ENABLE, 0) != 0:
                     raise OSError(ctypes.get_errno(), "PERF_EVENT_IOC_ENABLE failed")
-                table[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+                store(cpu, fd)
                 self.epoll.register(fd, select.EPOLLIN)
         except Exception:
             self.close()
@@ -1466,18 +1855,45 @@ class PerfRings:
         self.rings = []
 
 
-class BccRings:
-    """The same interface over BCC's own reader, for other architectures."""
+class PerfBufferOpts(ctypes.Structure):
+    """struct bcc_perf_buffer_opts (BCC's libbpf.h)."""
+    _fields_ = [("pid", ctypes.c_int), ("cpu", ctypes.c_int), ("wakeup_events", ctypes.c_int)]
 
-    def __init__(self, bpf, table, pages, wakeup):
-        self.bpf = bpf
+
+_RAW_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+_LOST_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_ulonglong)
+
+
+class BccRings:
+    """The same interface over BCC's own C reader (libbcc_bpf's
+    perf_reader), for architectures PerfRings does not know; it calls back
+    into Python once per event."""
+
+    def __init__(self, store, cpus, pages, wakeup):
+        self.lib = libbpf()
         self.pending = []
         self.lost = 0
         self.failure = None
-        table.open_perf_buffer(self._on_event, page_cnt=pages, lost_cb=self._on_lost,
-                               wakeup_events=wakeup)
+        # kept referenced: the C library calls them
+        self._callbacks = (_RAW_CALLBACK(self._on_event), _LOST_CALLBACK(self._on_lost))
+        self.readers = []
+        try:
+            for cpu in cpus:
+                opts = PerfBufferOpts(pid=-1, cpu=cpu, wakeup_events=wakeup)
+                reader = self.lib.bpf_open_perf_buffer_opts(
+                    ctypes.cast(self._callbacks[0], ctypes.c_void_p),
+                    ctypes.cast(self._callbacks[1], ctypes.c_void_p), None, pages,
+                    ctypes.byref(opts))
+                if not reader:
+                    raise OSError(ctypes.get_errno(), "opening BCC's perf reader on CPU %d" % cpu)
+                self.readers.append(reader)
+                store(cpu, self.lib.perf_reader_fd(reader))
+        except Exception:
+            self.close()
+            raise
+        self.array = (ctypes.c_void_p * len(self.readers))(*self.readers)
 
-    def _on_event(self, cpu, data, size):
+    def _on_event(self, _cookie, data, size):
         # An exception here would be printed and ignored by ctypes: it is
         # kept, and raised by consume().
         try:
@@ -1486,14 +1902,14 @@ class BccRings:
             if self.failure is None:
                 self.failure = exc
 
-    def _on_lost(self, count):
+    def _on_lost(self, _cookie, count):
         self.lost += count
 
     def poll(self, timeout_ms):
-        self.bpf.perf_buffer_poll(timeout_ms)
+        self.lib.perf_reader_poll(len(self.readers), self.array, timeout_ms)
 
     def consume(self, sink):
-        self.bpf.perf_buffer_consume()
+        self.lib.perf_reader_consume(len(self.readers), self.array)
         if self.failure is not None:
             failure, self.failure = self.failure, None
             raise failure
@@ -1503,7 +1919,8 @@ class BccRings:
         return lost
 
     def close(self):
-        pass
+        while self.readers:
+            self.lib.perf_reader_free(self.readers.pop())
 
 
 # ---------------------------------------------------------------------------
@@ -1703,9 +2120,10 @@ class Ledger:
                     never)
       skipped       tracepoint hits the kernel did not run the program for
                     (its recursion_misses), host-wide, before any filter
-      gaps          transitions found missing in the chain of a socket in
-                    view; the same events as some of lost and skipped, seen
-                    from the other end
+      gaps          transitions found missing in the history of a socket in
+                    view: some of the skipped events, seen from the socket's
+                    side (a lost event is not a gap: the kernel keeps the
+                    history before it submits the event)
       not_written   events read, but not written because the output stayed
                     blocked past the stop grace
       late          events given out after a later one (out of order)"""
@@ -1743,9 +2161,7 @@ class Tracer:
         self.write_rows = not _is_devnull(out)
         self.report_ns = 0
         self.skipped_known = False
-        self.prog_fd = None
-        self.attached = []
-        self.bpf = None
+        self.program = None
         self.filtered = bool(args.localport or args.remoteport or args.pid or args.ipv4
                              or args.ipv6 or args.from_states or args.to_states
                              or args.min_span is not None)
@@ -1760,19 +2176,15 @@ class Tracer:
 
     # -- set-up ------------------------------------------------------------
     def load(self):
-        bcc = import_bcc()
         facts = probe_kernel()
         cflags = bpf_cflags(self.args, facts)
-        with _StderrCapture() as capture:
-            try:
-                self.bpf = bcc.BPF(text=BPF_PROGRAM.encode(), cflags=cflags)
-            except Exception:
-                self.bpf = None
-        if self.bpf is None:
-            detail = capture.first_error()
-            raise Fatal("compiling the BPF program failed%s; check that the "
-                        "kernel headers match (see setup.sh)"
-                        % (": " + detail if detail else ""))
+        hooks = [("on_set_state", TRACEPOINT)]
+        if facts.destroy_hook:
+            hooks.append(("on_destroy", DESTROY_TRACEPOINT))
+        cache = None
+        if not self.args.no_cache:
+            cache = ProgramCache(os.environ.get("CACHE_DIRECTORY") or CACHE_DIR, self.warn)
+        self.program = load_program(cflags, hooks, cache, self.warn)
         try:
             # Everything the program reads or writes is in place before it
             # is attached: the maps filled, and the perf rings open (an event
@@ -1780,64 +2192,47 @@ class Tracer:
             self._seed_listeners()
             self._fill_port_map("local_ports", self.args.localport)
             self._fill_port_map("remote_ports", self.args.remoteport)
-            table = self.bpf[b"events"]
-            if os.uname().machine in PERF_EVENT_OPEN and not self.args.bcc_reader:
-                from bcc.utils import get_online_cpus
-                self.rings = PerfRings(table, get_online_cpus(), self.args.perf_pages,
-                                       WAKEUP_EVENTS)
-            else:
-                self.rings = BccRings(self.bpf, table, self.args.perf_pages, WAKEUP_EVENTS)
-            hooks = [(b"on_set_state", TRACEPOINT)]
-            if facts.destroy_hook:
-                hooks.append((b"on_destroy", DESTROY_TRACEPOINT))
-            for name, tracepoint in hooks:
-                fn = self.bpf.load_func(name, bcc.BPF.TRACEPOINT)
-                if self.prog_fd is None:
-                    self.prog_fd = fn.fd
-                    self.skipped_known = prog_recursion_misses(fn.fd) is not None
-                self.bpf.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.name)
-                self.attached.append(tracepoint)
+            cpus = cpu_list("/sys/devices/system/cpu/online")
+            Rings = PerfRings
+            if os.uname().machine not in PERF_EVENT_OPEN or self.args.bcc_reader:
+                Rings = BccRings
+            self.rings = Rings(self._store_ring, cpus, self.args.perf_pages, WAKEUP_EVENTS)
+            self.skipped_known = prog_recursion_misses(self.program.prog_fd) is not None
+            self.program.attach()
         except Exception as exc:
             self.close()
             raise Fatal("loading or attaching the BPF program failed: %s"
                         % (str(exc).splitlines() or ["unknown error"])[0]) from None
 
+    def _store_ring(self, cpu, fd):
+        self.program.update("events", struct.pack("<i", cpu), struct.pack("<i", fd))
+
     def _fill_port_map(self, name, ports):
-        if not ports:
-            return
-        table = self.bpf[name.encode()]
-        for index, word in enumerate(port_bitmap(ports)):
+        for index, word in enumerate(port_bitmap(ports or ())):
             if word:
-                table[table.Key(index)] = table.Leaf(word)
+                self.program.update(name, struct.pack("<I", index), struct.pack("<Q", word))
 
     def _seed_listeners(self):
         # Listeners that predate the tracer have unknown owners: say so in
         # the map, so that a new listener on the same port (another network
         # namespace, or SO_REUSEPORT) makes the port ambiguous, not wrong.
-        table = self.bpf[b"listeners"]
         for (family, port), count in existing_listeners().items():
-            leaf = table.Leaf()
-            leaf.opid = 0
-            leaf.count = count
-            table[table.Key((family << 16) | port)] = leaf
+            # struct listener: osince, opid (0: unknown), count, ocomm
+            self.program.update("listeners", struct.pack("<I", (family << 16) | port),
+                                struct.pack("<QII16s", 0, 0, count, b""))
 
     def detach(self):
-        """No new events from here on. The destroy hook goes first: with the
-        main program gone it would count every later close as a gap."""
-        while self.attached:
-            tracepoint = self.attached.pop()
-            try:
-                self.bpf.detach_tracepoint(tracepoint.encode())
-            except Exception:
-                pass
+        """No new events from here on."""
+        if self.program is not None:
+            self.program.detach()
 
     def close(self):
         if self.rings is not None:
             rings, self.rings = self.rings, None
             rings.close()
-        if self.bpf is not None:
-            bpf, self.bpf = self.bpf, None
-            bpf.cleanup()
+        if self.program is not None:
+            program, self.program = self.program, None
+            program.close()
         self.out.close()
 
     # -- the loop --------------------------------------------------------
@@ -1920,13 +2315,12 @@ class Tracer:
         """The kernel's counts: skipped (recursion_misses), and the per-CPU
         counters of the program (perf_submit failures, gaps)."""
         ledger = self.ledger
-        skipped = prog_recursion_misses(self.prog_fd)
-        if skipped is not None:
-            ledger.skipped = skipped
-        if self.bpf is not None:
-            table = self.bpf[b"counters"]
-            submit_failed = table.sum(table.Key(COUNT_SUBMIT_FAILED)).value
-            ledger.gaps = table.sum(table.Key(COUNT_GAP)).value
+        if self.program is not None:
+            skipped = prog_recursion_misses(self.program.prog_fd)
+            if skipped is not None:
+                ledger.skipped = skipped
+            submit_failed = self.program.percpu_sum("counters", COUNT_SUBMIT_FAILED)
+            ledger.gaps = self.program.percpu_sum("counters", COUNT_GAP)
             ledger.lost = max(submit_failed, ledger.lost_records)
         ledger.late = self.reorder.late
 
@@ -1958,7 +2352,8 @@ class Tracer:
                          % (new["gaps"], ledger.gaps))
         self.warn("; ".join(parts))
         if self.journal is not None:
-            self.journal.lost(new["lost"] + new["skipped"], ledger.lost + ledger.skipped)
+            self.journal.lost(new["lost"] + new["skipped"], ledger.lost + ledger.skipped,
+                              new["gaps"], ledger.gaps)
 
     def summary(self):
         ledger = self.ledger
@@ -1987,7 +2382,7 @@ EXAMPLES = """examples:
     tcpstates -D 5432       # only remote port 5432
     tcpstates -4            # IPv4 only
     tcpstates -6            # IPv6 only
-    tcpstates -x            # add each socket's owner (PID, name, cgroup)
+    tcpstates -x            # add each socket's owner (PID, name, how known, cgroup)
     tcpstates -p 181        # only sockets owned by PID 181
     tcpstates -Y            # also record each event in the systemd journal
     tcpstates -j            # JSON lines, for jq and log shippers
@@ -2108,7 +2503,7 @@ def build_parser():
     parser.add_argument("-D", "--remoteport", type=port_list, metavar="PORTS",
                         help="only these remote ports (comma-separated)")
     parser.add_argument("-x", "--extended", action="store_true",
-                        help="add the socket's owner: O-PID, O-COMM, CGROUP")
+                        help="add the socket's owner: O-PID, O-COMM, O-FROM, CGROUP")
     parser.add_argument("-p", "--pid", type=pid_arg, metavar="PID",
                         help="only sockets owned by this process")
     parser.add_argument("-Y", "--journal", action="store_true",
@@ -2130,6 +2525,8 @@ def build_parser():
                         help="trace IPv4 only")
     family.add_argument("-6", "--ipv6", action="store_true",
                         help="trace IPv6 only")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile the BPF program; neither read nor write the cache")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--perf-pages", type=_perf_pages,
                         default=DEFAULT_PERF_PAGES, help=argparse.SUPPRESS)

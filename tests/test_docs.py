@@ -72,7 +72,7 @@ def test_man_sections_in_bcc_order():
     sections = re.findall(r"^\.SH (.+)$", read(MAN), re.M)
     assert sections == ["NAME", "SYNOPSIS", "DESCRIPTION", "REQUIREMENTS", "OPTIONS",
                         "EXAMPLES", "FIELDS", "JOURNAL FIELDS", "LOSS ACCOUNTING", "OVERHEAD",
-                        "SOURCE", "OS", "STABILITY",
+                        "FILES", "SOURCE", "OS", "STABILITY",
                         "AUTHOR", "SEE ALSO"]
 
 
