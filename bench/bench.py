@@ -13,6 +13,10 @@ each it measures:
   startup   process start -> ready: the output shows a probe connection
             (a refused connect to a port of the benchmark's), made every
             20 ms from the start, so "ready" means events are flowing;
+            warm (tcpstates with its program cache filled; the others
+            have no cache, so warm and cold are the same for them) and
+            cold (tcpstates with an empty cache directory: it compiles),
+            each with the tracer's peak RSS (VmHWM) at the end of the run;
   ladder    the highest paced connection rate (bench/loadgen, 3 s at each
             rung) at which every event on the benchmark's port was captured
             (captured + reported lost = expected, lost = 0);
@@ -140,6 +144,17 @@ class Running:
     def cpu(self):
         return common.cpu_seconds(self.tracer_pid())
 
+    def peak_rss_kb(self):
+        """The tracer's peak resident memory so far (VmHWM)."""
+        try:
+            with open("/proc/%d/status" % self.tracer_pid()) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
     def wait_quiet(self, port, expected, timeout=30):
         """Until the count reaches expected, or stops growing for 1.5 s."""
         last, since = -1, time.monotonic()
@@ -205,13 +220,42 @@ def traced(command, fn):
     return value, text
 
 
+def cold_command(name, cmd):
+    """The command that starts a tracer cold: tcpstates with an empty cache
+    directory of its own (it compiles, and fills it); the others compile on
+    every start anyway."""
+    if name != "tcpstates":
+        return cmd
+    return "env CACHE_DIRECTORY=$(mktemp -d /tmp/tcpstates-bench-cache.XXXXXX) " + cmd
+
+
 def measure_startup(tracers, reps):
-    results = {name: [] for name, _ in tracers}
+    """Warm and cold start-up and peak RSS, interleaved (A B C A B C ...)."""
+    def ready_and_rss(run, ready):
+        time.sleep(0.2)
+        return ready, run.peak_rss_kb()
+
+    for name, cmd in tracers:                       # fill tcpstates' cache
+        traced(cmd, lambda run, ready: ready)
+    results = {name: {"warm": [], "cold": [], "warm_rss": [], "cold_rss": []}
+               for name, _ in tracers}
     for _ in range(reps):
-        for name, cmd in tracers:
-            results[name].append(traced(cmd, lambda run, ready: ready)[0])
-    return {name: {"seconds": sorted(v), "median": sorted(v)[len(v) // 2]}
-            for name, v in results.items()}
+        for kind in ("warm", "cold"):
+            for name, cmd in tracers:
+                command = cold_command(name, cmd) if kind == "cold" else cmd
+                ready, rss = traced(command, ready_and_rss)[0]
+                results[name][kind].append(ready)
+                results[name][kind + "_rss"].append(rss)
+    for path in __import__("glob").glob("/tmp/tcpstates-bench-cache.*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+    def median(values):
+        values = sorted(v for v in values if v is not None)
+        return values[len(values) // 2] if values else None
+    return {name: {"seconds": sorted(r["warm"]), "median": median(r["warm"]),
+                   "cold_seconds": sorted(r["cold"]), "cold_median": median(r["cold"]),
+                   "peak_rss_kb": median(r["warm_rss"]), "cold_peak_rss_kb": median(r["cold_rss"])}
+            for name, r in results.items()}
 
 
 def rung(loadgen, command, rate, seconds):
@@ -294,7 +338,7 @@ def measure_storm(loadgen, tracers, connections, reps):
 
 
 def ratio(a, b):
-    return round(a / b, 3) if b else None
+    return round(a / b, 3) if a and b else None
 
 
 def main():
@@ -304,6 +348,9 @@ def main():
                         "against the others")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and rungs")
     p.add_argument("--out", help="JSON results file (default bench/results/bench-TIME.json)")
+    p.add_argument("--only", metavar="PARTS", default="startup,ladder,cpu,storm",
+                   help="comma-separated parts to run (startup, ladder, cpu, storm); "
+                        "default all. A part left out shows as 0 in the table")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (the tracers load BPF programs)")
@@ -330,15 +377,26 @@ def main():
     conditions["tcp_max_tw_buckets"] = "0 during the run (was %s)" % saved_tw
     with open(tw, "w") as f:
         f.write("0")
+    parts = set(args.only.split(","))
+    names = [name for name, _ in tracers]
+    startup = {n: {"median": 0, "cold_median": 0, "peak_rss_kb": 0, "cold_peak_rss_kb": 0}
+               for n in names}
+    ladder = {n: {"highest_loss_free_rate": 0} for n in names}
+    cpu = {n: {"us_per_event": 0} for n in names}
+    storm = {n: {"slowdown": 0} for n in names}
     try:
-        print("bench: start-up", file=sys.stderr)
-        startup = measure_startup(tracers, reps)
-        print("bench: loss-free rate ladder", file=sys.stderr)
-        ladder = measure_ladder(loadgen, tracers, rates, 3)
-        print("bench: CPU per event", file=sys.stderr)
-        cpu = measure_cpu(loadgen, tracers, [1000, 3000], 4)
-        print("bench: full-speed storm", file=sys.stderr)
-        storm = measure_storm(loadgen, tracers, 30000, 3 if args.quick else 7)
+        if "startup" in parts:
+            print("bench: start-up", file=sys.stderr)
+            startup = measure_startup(tracers, reps)
+        if "ladder" in parts:
+            print("bench: loss-free rate ladder", file=sys.stderr)
+            ladder = measure_ladder(loadgen, tracers, rates, 3)
+        if "cpu" in parts:
+            print("bench: CPU per event", file=sys.stderr)
+            cpu = measure_cpu(loadgen, tracers, [1000, 3000], 4)
+        if "storm" in parts:
+            print("bench: full-speed storm", file=sys.stderr)
+            storm = measure_storm(loadgen, tracers, 30000, 3 if args.quick else 7)
     finally:
         with open(tw, "w") as f:
             f.write(saved_tw)
@@ -350,6 +408,9 @@ def main():
         table.append({
             "tracer": name,
             "startup_s": startup[name]["median"],
+            "cold_startup_s": startup[name]["cold_median"],
+            "peak_rss_mb": round((startup[name]["peak_rss_kb"] or 0) / 1024, 1),
+            "cold_peak_rss_mb": round((startup[name]["cold_peak_rss_kb"] or 0) / 1024, 1),
             "loss_free_rate": ladder[name]["highest_loss_free_rate"],
             "cpu_us_per_event": cpu[name]["us_per_event"],
             "storm_slowdown": storm[name]["slowdown"],
@@ -358,6 +419,8 @@ def main():
     for row in table[1:]:
         ratios["%s/%s" % (first, row["tracer"])] = {
             "startup": ratio(table[0]["startup_s"], row["startup_s"]),
+            "cold_startup": ratio(table[0]["cold_startup_s"], row["cold_startup_s"]),
+            "peak_rss": ratio(table[0]["peak_rss_mb"], row["peak_rss_mb"]),
             "loss_free_rate": ratio(table[0]["loss_free_rate"], row["loss_free_rate"]),
             "cpu_per_event": ratio(table[0]["cpu_us_per_event"], row["cpu_us_per_event"]),
             "storm_slowdown": ratio(table[0]["storm_slowdown"], row["storm_slowdown"]),
@@ -372,16 +435,19 @@ def main():
     print("conditions: %s, %s CPUs, kernel %s, load before %s after %s"
           % (conditions.get("cpu"), conditions.get("cpus"), conditions.get("kernel"),
              " ".join(conditions.get("loadavg_before", [])), " ".join(conditions["loadavg_after"])))
-    print("%-10s %11s %16s %15s %15s" % ("tracer", "startup s", "loss-free conn/s",
-                                          "CPU us/event", "storm slowdown"))
+    print("%-10s %9s %9s %8s %8s %16s %13s %15s" % (
+        "tracer", "warm s", "cold s", "RSS MB", "cold MB", "loss-free conn/s", "CPU us/event",
+        "storm slowdown"))
     for row in table:
-        print("%-10s %11.3f %16d %15.3f %14.1f%%" % (row["tracer"], row["startup_s"],
-                                                     row["loss_free_rate"],
-                                                     row["cpu_us_per_event"],
-                                                     row["storm_slowdown"] * 100))
+        print("%-10s %9.3f %9.3f %8.1f %8.1f %16d %13.3f %14.1f%%" % (
+            row["tracer"], row["startup_s"], row["cold_startup_s"], row["peak_rss_mb"],
+            row["cold_peak_rss_mb"], row["loss_free_rate"], row["cpu_us_per_event"],
+            row["storm_slowdown"] * 100))
     for pair, r in ratios.items():
-        print("%-22s startup %sx  loss-free rate %sx  CPU/event %sx  storm slowdown %sx"
-              % (pair, r["startup"], r["loss_free_rate"], r["cpu_per_event"], r["storm_slowdown"]))
+        print("%-22s start-up warm %sx cold %sx  peak RSS %sx  loss-free rate %sx  "
+              "CPU/event %sx  storm slowdown %sx"
+              % (pair, r["startup"], r["cold_startup"], r["peak_rss"], r["loss_free_rate"],
+                 r["cpu_per_event"], r["storm_slowdown"]))
     print("results: %s" % out)
 
 

@@ -364,3 +364,17 @@ def test_readme_run_command_traces():
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_fallback_reader_prints_the_same_rows():
+    """BCC's own perf reader (used where the mmap reader does not run, i.e.
+    off x86_64) is run here too, so that it cannot rot unseen."""
+    port = helpers.free_port()
+    with TracerRun("-s", "-L", str(port), "--bcc-reader") as tracer:
+        session = tcp_session(port=port)
+        assert tracer.wait_until(lambda ls: len(parse_csv(ls)) >= 7, 10)
+        assert tracer.stop() == 0
+    _client, accepted, listener = helpers.classify(parse_csv(tracer.snapshot()), session)
+    assert transitions(accepted) == ACCEPTED_SEQUENCE
+    assert transitions(listener) == LISTENER_SEQUENCE
+    assert helpers.summary(tracer.stderr)["printed"] == 7
