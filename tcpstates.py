@@ -910,15 +910,21 @@ class Formatter:
             return ""
         if self.mode == "csv":
             return ",".join(self.header_fields()) + "\n"
-        return self._format(title=True) % tuple(self.header_fields())
+        return self._format(title=True) % tuple(t for t in self.header_fields() if t != "->")
 
     def _format(self, title=False):
         """The printf format of a row (or of the header): shown columns joined
         by a space (CSV: a comma); a hidden one takes its value and prints
-        nothing ("%.0s"), without a separator."""
+        nothing ("%.0s"), without a separator; the arrow is text, not a
+        value (one argument less per row)."""
         sep = "," if self.mode == "csv" else " "
         parts, hidden = [], ""
-        for _title, conv in self.columns:
+        for name, conv in self.columns:
+            if name == "->":                    # no value: the arrow itself
+                if conv is not None:
+                    parts.append(hidden + name)
+                    hidden = ""
+                continue
             if conv is None:
                 if not title:
                     hidden += "%.0s"
@@ -949,7 +955,7 @@ class Formatter:
 
         def json_row(ev):
             ts, sk, span, pid, _op, lport, rport, family, old, new, flags, \
-                laddr, raddr, comm = ev[:14]
+                laddr, raddr, comm, _oc, _os = ev
             if family == af_inet:
                 la, ra, ip = a4[laddr], a4[raddr], 4
             else:
@@ -977,25 +983,25 @@ class Formatter:
 
         def core(ev):
             _ts, sk, span, pid, _op, lport, rport, family, old, new, _fl, \
-                laddr, raddr, comm = ev[:14]
+                laddr, raddr, comm, _oc, _os = ev
             if family == af_inet:
                 la, ra, ip = a4[laddr], a4[raddr], "4"
             else:
                 la, ra, ip = a6[laddr], a6[raddr], "6"
-            return (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], "->", st[new],
+            return (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], st[new],
                     span / 1000)
 
         if not (want_time or want_ts or extended):
             # core() inlined: the common case, one call less per event
             def plain_row(ev):
                 _ts, sk, span, pid, _op, lport, rport, family, old, new, _fl, \
-                    laddr, raddr, comm = ev[:14]
+                    laddr, raddr, comm, _oc, _os = ev
                 if family == af_inet:
                     la, ra, ip = a4[laddr], a4[raddr], "4"
                 else:
                     la, ra, ip = a6[laddr], a6[raddr], "6"
-                return fmt % (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], "->",
-                              st[new], span / 1000)
+                return fmt % (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], st[new],
+                              span / 1000)
             return plain_row
 
         time_of, since_first = self.clock.hms, self.clock.since_first
