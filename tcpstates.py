@@ -1148,22 +1148,26 @@ LOSS_CAUSES = ("perf_buffer", "kernel_skip", "gap", "not_written", "journal")
 # open, a socket leaving SYN_SENT). See connection_outcomes.
 CONNECT_RESULTS = ("established", "failed")
 _TCP_ESTABLISHED, _TCP_SYN_SENT, _TCP_CLOSE = 1, 2, 7
-_old_new = operator.itemgetter(8, 9)
-_first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
+# Metrics.add keeps one int per event, folded into the counts in bulk (at
+# a scrape, a file write, or when this many are waiting).
+METRICS_FOLD_AT = 50_000
+_SPAN_BITS = 48         # a span is below 2**48 us (8.9 years): spans are
+_SPAN_MASK = (1 << _SPAN_BITS) - 1      # bounded by the uptime
 
 
-def connection_outcomes(transitions, events):
-    """{result: count} of the connect attempts that ended in one batch of
-    events, from its {(oldstate, newstate): count}: SYN_SENT -> ESTABLISHED
-    is "established", SYN_SENT -> CLOSE is "failed" (refused, timed out,
-    reset, or given up by the application: the transition alone cannot tell
-    which).
+def connection_outcomes(transitions):
+    """{result: count} of the connect attempts that ended, from counts of
+    {(oldstate, newstate): count}: SYN_SENT -> ESTABLISHED is
+    "established", SYN_SENT -> CLOSE is "failed" (refused, timed out, reset,
+    or given up by the application: the transition alone cannot tell).
 
     TODO(close reasons): once events carry the kernel's reason for a close,
-    split "failed" here by the reason of each SYN_SENT -> CLOSE event in
-    `events` ("refused", "timeout", "reset", ...), keeping "failed" for
-    events without one, and add the new results to CONNECT_RESULTS."""
+    "failed" is to be split by it ("refused", "timeout", "reset", ...,
+    "failed" kept for events without one). Failed connects are few: count
+    the reasons of the SYN_SENT -> CLOSE events of each batch in
+    Metrics.add, e.g. Counter(ev[REASON] for ev in events if ev[8] == 2 and
+    ev[9] == 7), subtract them from "failed" here, and add the results to
+    CONNECT_RESULTS."""
     outcomes = {}
     established = transitions.get((_TCP_SYN_SENT, _TCP_ESTABLISHED))
     if established:
@@ -1188,17 +1192,23 @@ class Metrics:
     """The counts behind the Prometheus metrics, in plain dicts keyed by
     label values (states as numbers; names are given at collection).
 
-    add() takes a whole batch of events in one call; collection happens in
-    another thread (the HTTP server's, or the file writer's), so both take
-    the lock, and collection copies the dicts under it and builds the metric
-    families outside it.
+    The tracer's thread calls add() once per batch; a reader's thread (the
+    HTTP server's, or the file writer's) calls families(). Both take the
+    lock.
 
-    With `by` ("lport", "comm" or both) every key starts with those label
-    values. Their distinct sets are capped at `limit`: events of later ones
-    are counted under "other" in each label (one warning says so), so that
-    memory and series stay bounded whatever the traffic. A client socket's
-    local port is chosen by the kernel: ports in the ephemeral range (and 0,
-    a connect's first event) are labelled "ephemeral", not numbered."""
+    add() does the least it can per event: it makes one int of each event,
+    oldstate, newstate, whether the span is known, and the span, packed so
+    that ints sort by (oldstate, newstate, known, span), and keeps them.
+    fold() sorts what was kept and finds every count by bisection, so that
+    its cost per event is one sort, however small the batches were (they
+    are tens of events at a few thousand a second).
+
+    With `by` ("lport", "comm" or both) the counts are kept per set of
+    those label values. The sets are capped at `limit`: events of later
+    ones are counted under "other" in each label (one warning says so),
+    so that memory and series stay bounded whatever the traffic. A client
+    socket's local port is chosen by the kernel: ports in the ephemeral
+    range (and 0, in a connect's first event) are labelled "ephemeral"."""
 
     def __init__(self, by=(), ephemeral=(32768, 60999), limit=METRICS_BY_LIMIT, warn=None):
         self.by = tuple(name for name in METRICS_BY_CHOICES if name in by)
@@ -1207,6 +1217,8 @@ class Metrics:
         self.warn = warn
         self.lock = threading.Lock()
         self.events = 0
+        self.pending = {}           # by-labels -> [packed event, ...]
+        self.npending = 0
         self.transitions = {}       # by-labels + (oldstate, newstate) -> count
         self.durations = {}         # by-labels + (state,) -> [per bucket..., +Inf, sum_us]
         self.connections = {}       # by-labels + (result,) -> count
@@ -1228,43 +1240,57 @@ class Metrics:
         if not events:
             return
         groups = self._grouped(events) if self.by else (((), events),)
+        for labels, batch in groups:
+            packed = [((ev[8] << 16 | ev[9]) << 1 | ev[10] & SPAN_KNOWN) << _SPAN_BITS | ev[2]
+                      for ev in batch]
+            with self.lock:
+                kept = self.pending.get(labels)
+                if kept is None:
+                    self.pending[labels] = packed
+                else:
+                    kept.extend(packed)
         with self.lock:
             self.events += len(events)
-            for labels, batch in groups:
-                self._count(labels, batch)
+            self.npending += len(events)
+            if self.npending >= METRICS_FOLD_AT:
+                self._fold()
 
-    def _count(self, labels, events):
-        transitions = collections.Counter(map(_old_new, events))
-        counts = self.transitions
-        for pair, n in transitions.items():
-            key = labels + pair
-            counts[key] = counts.get(key, 0) + n
-        counts = self.connections
-        for result, n in connection_outcomes(transitions, events).items():
-            key = labels + (result,)
-            counts[key] = counts.get(key, 0) + n
-        # Spans, by the state they measure (the old one). Sorted, each
-        # state's spans are one slice, and each bucket's count is found by
-        # bisection: the per-event work is the list, the sort and the sum.
-        spans = [(ev[8], ev[2]) for ev in events if ev[10] & SPAN_KNOWN]
-        if not spans:
-            return
-        spans.sort()
+    def _fold(self):
+        """Count what add() kept (the lock held)."""
+        pending, self.pending, self.npending = self.pending, {}, 0
         nbounds = len(DURATION_BOUNDS_US)
-        for state in set(map(_first, spans)):
-            lo = bisect.bisect_left(spans, (state,))
-            hi = bisect.bisect_left(spans, (state + 1,))
-            key = labels + (state,)
-            entry = self.durations.get(key)
-            if entry is None:
-                entry = self.durations[key] = [0] * (nbounds + 2)
-            below = lo
-            for index, bound in enumerate(DURATION_BOUNDS_US):
-                at = bisect.bisect_right(spans, (state, bound), lo, hi)
-                entry[index] += at - below
-                below = at
-            entry[nbounds] += hi - below
-            entry[nbounds + 1] += sum(map(_second, spans[lo:hi]))
+        for labels, packed in pending.items():
+            packed.sort()
+            transitions = {}
+            start, end = 0, len(packed)
+            while start < end:
+                # one run of equal (oldstate, newstate, known)
+                head = packed[start] >> _SPAN_BITS
+                base = head << _SPAN_BITS
+                stop = bisect.bisect_left(packed, (head + 1) << _SPAN_BITS, start)
+                pair = (head >> 17, (head >> 1) & 0xffff)
+                transitions[pair] = transitions.get(pair, 0) + stop - start
+                if head & 1:                    # spans known: the histogram
+                    key = labels + pair[:1]
+                    entry = self.durations.get(key)
+                    if entry is None:
+                        entry = self.durations[key] = [0] * (nbounds + 2)
+                    below = start
+                    for index, bound in enumerate(DURATION_BOUNDS_US):
+                        at = bisect.bisect_right(packed, base | bound, below, stop)
+                        entry[index] += at - below
+                        below = at
+                    entry[nbounds] += stop - below
+                    entry[nbounds + 1] += sum(packed[start:stop]) - (stop - start) * base
+                start = stop
+            counts = self.transitions
+            for pair, n in transitions.items():
+                key = labels + pair
+                counts[key] = counts.get(key, 0) + n
+            counts = self.connections
+            for result, n in connection_outcomes(transitions).items():
+                key = labels + (result,)
+                counts[key] = counts.get(key, 0) + n
 
     def _grouped(self, events):
         """[(label values, events)] for --metrics-by, with the cap applied."""
@@ -1313,6 +1339,7 @@ class Metrics:
         imports). Also a Prometheus "custom collector": see collect()."""
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
         with self.lock:
+            self._fold()
             events = self.events
             transitions = dict(self.transitions)
             durations = {key: list(entry) for key, entry in self.durations.items()}
