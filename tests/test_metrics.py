@@ -366,8 +366,11 @@ def test_http_exporter_serves_and_stops(host):
     found = samples(text)
     assert value(found, "tcpstates_connections_total", result="failed") == 1
     assert any(name.startswith("process_cpu_seconds") for name, _ in found)
-    with socket.socket(family) as s:        # the port is free again
+    with socket.socket(family) as s:        # no listener left on the port
+        # (SO_REUSEADDR: the scrape's connection may be in TIME_WAIT there)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
+        s.listen(1)
 
 
 def test_file_exporter_writes_atomically(tmp_path, monkeypatch):
