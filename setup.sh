@@ -24,9 +24,13 @@ fi
 # systemd-journal-remote for the journal forwarding test; make, groff and
 # man-db for the install and man page tests (systemd-analyze verify runs man
 # to check the unit's Documentation= link); gcc to build bench/loadgen.c, which the
-# load tests use.
+# load tests use; python3-prometheus-client for --metrics and --metrics-file, and
+# Prometheus (server and promtool) and node_exporter for the metrics tests, which
+# start their own on 127.0.0.1 (see "Services" below).
 pkgs=(python3-bpfcc python3-systemd python3-pytest python3-hypothesis
-      systemd-journal-remote make groff-base man-db gcc libc6-dev)
+      systemd-journal-remote make groff-base man-db gcc libc6-dev
+      python3-prometheus-client prometheus prometheus-node-exporter)
+services=(prometheus prometheus-node-exporter)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -41,7 +45,32 @@ apt_update() {
 if [ ${#missing[@]} -gt 0 ]; then
     apt_update
     say "installing ${missing[*]}"
+    # Services: installing prometheus or prometheus-node-exporter would start
+    # them (on *:9090 and *:9100, for everyone) through invoke-rc.d, which runs
+    # their init scripts where systemd is not PID 1. A policy-rc.d that refuses
+    # every start is in place while apt runs, unless the host has its own.
+    policy=/usr/sbin/policy-rc.d
+    made_policy=
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# from tcpstates setup.sh: no service starts during its install\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        made_policy=1
+        trap 'rm -f "$policy"' EXIT
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    if [ -n "$made_policy" ]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+    # Should one have started all the same (a host policy that allows it),
+    # stop it: only those installed just now.
+    for svc in "${services[@]}"; do
+        case " ${missing[*]} " in *" $svc "*) ;; *) continue ;; esac
+        if [ -x "/etc/init.d/$svc" ] && "/etc/init.d/$svc" status >/dev/null 2>&1; then
+            say "stopping $svc, started by its package"
+            "/etc/init.d/$svc" stop >&2 || true
+        fi
+    done
 fi
 
 # --- Kernel headers ----------------------------------------------------------

@@ -54,6 +54,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import time
 
 
@@ -1118,6 +1119,425 @@ class JournalWriter:
         self._send(lost_fields(lost, total, gaps, gaps_total))
 
 
+# -- Output, continued: metrics for Prometheus (--metrics, --metrics-file) --
+# This part is kept whole, its constants included (against the house order
+# of constants first), so that the metrics read, and merge, as one piece.
+# The client library (python3-prometheus-client) is imported only by the
+# functions that talk to it, as python-systemd is for -Y: without a metrics
+# option tcpstates neither needs nor loads it.
+#
+# Per event the cost is a few C-level operations: events are counted a whole
+# batch at a time (Metrics.add, from Tracer._drain) into plain dicts, and the
+# client library's metric objects are built from those dicts only when
+# something reads them (a scrape, or the file being rewritten).
+
+# tcpstates_state_duration_seconds' bucket bounds, in microseconds (the
+# unit of the kernel's spans): from 100 µs (a loopback handshake) through
+# LAN and WAN round trips, to the minutes of idle keep-alives and of the
+# FIN_WAIT2 timeout (60 s by default), up to 10 min.
+DURATION_BOUNDS_US = (
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+    120_000_000, 300_000_000, 600_000_000)
+METRICS_BY_CHOICES = ("lport", "comm")
+# --metrics-by: distinct label sets (lport and/or comm values) kept at most;
+# later ones are all counted under the value "other".
+METRICS_BY_LIMIT = 100
+METRICS_OTHER = "other"
+METRICS_EPHEMERAL = "ephemeral"     # lport of a client socket (see _lport_label)
+METRICS_NO_OWNER = "-"              # comm when the owner is unknown
+METRICS_FILE_INTERVAL_S = 5.0       # --metrics-file is rewritten this often
+METRICS_DEFAULT_ADDRESS = "127.0.0.1"
+# tcpstates_events_lost_total{cause}: the Ledger's losses, and the journal's
+LOSS_CAUSES = ("perf_buffer", "kernel_skip", "gap", "not_written", "journal")
+# tcpstates_connections_total{result}: what became of a connect() (an active
+# open, a socket leaving SYN_SENT). See connection_outcomes.
+CONNECT_RESULTS = ("established", "failed")
+_TCP_ESTABLISHED, _TCP_SYN_SENT, _TCP_CLOSE = 1, 2, 7
+# Metrics.add keeps one int per event, folded into the counts in bulk (at
+# a scrape, a file write, or when this many are waiting).
+METRICS_FOLD_AT = 50_000
+_SPAN_BITS = 48         # a span is below 2**48 us (8.9 years): spans are
+_SPAN_MASK = (1 << _SPAN_BITS) - 1      # bounded by the uptime
+
+
+def connection_outcomes(transitions):
+    """{result: count} of the connect attempts that ended, from counts of
+    {(oldstate, newstate): count}: SYN_SENT -> ESTABLISHED is
+    "established", SYN_SENT -> CLOSE is "failed" (refused, timed out, reset,
+    or given up by the application: the transition alone cannot tell).
+
+    TODO(close reasons): once events carry the kernel's reason for a close,
+    "failed" is to be split by it ("refused", "timeout", "reset", ...,
+    "failed" kept for events without one). Failed connects are few: count
+    the reasons of the SYN_SENT -> CLOSE events of each batch in
+    Metrics.add, e.g. Counter(ev[REASON] for ev in events if ev[8] == 2 and
+    ev[9] == 7), subtract them from "failed" here, and add the results to
+    CONNECT_RESULTS."""
+    outcomes = {}
+    established = transitions.get((_TCP_SYN_SENT, _TCP_ESTABLISHED))
+    if established:
+        outcomes["established"] = established
+    failed = transitions.get((_TCP_SYN_SENT, _TCP_CLOSE))
+    if failed:
+        outcomes["failed"] = failed
+    return outcomes
+
+
+def local_port_range(path="/proc/sys/net/ipv4/ip_local_port_range"):
+    """The kernel's ephemeral port range, (low, high)."""
+    try:
+        with open(path) as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+class Metrics:
+    """The counts behind the Prometheus metrics, in plain dicts keyed by
+    label values (states as numbers; names are given at collection).
+
+    The tracer's thread calls add() once per batch; a reader's thread (the
+    HTTP server's, or the file writer's) calls families(). Both take the
+    lock.
+
+    add() does the least it can per event: it makes one int of each event,
+    oldstate, newstate, whether the span is known, and the span, packed so
+    that ints sort by (oldstate, newstate, known, span), and keeps them.
+    fold() sorts what was kept and finds every count by bisection, so that
+    its cost per event is one sort, however small the batches were (they
+    are tens of events at a few thousand a second).
+
+    With `by` ("lport", "comm" or both) the counts are kept per set of
+    those label values. The sets are capped at `limit`: events of later
+    ones are counted under "other" in each label (one warning says so),
+    so that memory and series stay bounded whatever the traffic. A client
+    socket's local port is chosen by the kernel: ports in the ephemeral
+    range (and 0, in a connect's first event) are labelled "ephemeral"."""
+
+    def __init__(self, by=(), ephemeral=(32768, 60999), limit=METRICS_BY_LIMIT, warn=None):
+        self.by = tuple(name for name in METRICS_BY_CHOICES if name in by)
+        self.ephemeral = ephemeral
+        self.limit = limit
+        self.warn = warn
+        self.lock = threading.Lock()
+        self.events = 0
+        self.pending = {}           # by-labels -> [packed event, ...]
+        self.npending = 0
+        self.transitions = {}       # by-labels + (oldstate, newstate) -> count
+        self.durations = {}         # by-labels + (state,) -> [per bucket..., +Inf, sum_us]
+        self.connections = {}       # by-labels + (result,) -> count
+        self.lost = dict.fromkeys(LOSS_CAUSES, 0)   # cause -> count: see set_lost
+        self.label_sets = set()
+        self.overflowed = False
+        if not self.by:
+            # Known before any event: present (at 0) from the first scrape,
+            # so that rate() and increase() see the first failure.
+            for result in CONNECT_RESULTS:
+                self.connections[(result,)] = 0
+        low, high = ephemeral
+        self._lport = _Cache(lambda port: METRICS_EPHEMERAL if port == 0 or low <= port <= high
+                             else str(port), limit=65536)
+
+    # -- counting, in the tracer's thread ---------------------------------
+    def add(self, events):
+        """Count a batch of event tuples (Event's field order)."""
+        if not events:
+            return
+        groups = self._grouped(events) if self.by else (((), events),)
+        for labels, batch in groups:
+            packed = [((ev[8] << 16 | ev[9]) << 1 | ev[10] & SPAN_KNOWN) << _SPAN_BITS | ev[2]
+                      for ev in batch]
+            with self.lock:
+                kept = self.pending.get(labels)
+                if kept is None:
+                    self.pending[labels] = packed
+                else:
+                    kept.extend(packed)
+        with self.lock:
+            self.events += len(events)
+            self.npending += len(events)
+            if self.npending >= METRICS_FOLD_AT:
+                self._fold()
+
+    def _fold(self):
+        """Count what add() kept (the lock held)."""
+        pending, self.pending, self.npending = self.pending, {}, 0
+        nbounds = len(DURATION_BOUNDS_US)
+        for labels, packed in pending.items():
+            packed.sort()
+            transitions = {}
+            start, end = 0, len(packed)
+            while start < end:
+                # one run of equal (oldstate, newstate, known)
+                head = packed[start] >> _SPAN_BITS
+                base = head << _SPAN_BITS
+                stop = bisect.bisect_left(packed, (head + 1) << _SPAN_BITS, start)
+                pair = (head >> 17, (head >> 1) & 0xffff)
+                transitions[pair] = transitions.get(pair, 0) + stop - start
+                if head & 1:                    # spans known: the histogram
+                    key = labels + pair[:1]
+                    entry = self.durations.get(key)
+                    if entry is None:
+                        entry = self.durations[key] = [0] * (nbounds + 2)
+                    below = start
+                    for index, bound in enumerate(DURATION_BOUNDS_US):
+                        at = bisect.bisect_right(packed, base | bound, below, stop)
+                        entry[index] += at - below
+                        below = at
+                    entry[nbounds] += stop - below
+                    entry[nbounds + 1] += sum(packed[start:stop]) - (stop - start) * base
+                start = stop
+            counts = self.transitions
+            for pair, n in transitions.items():
+                key = labels + pair
+                counts[key] = counts.get(key, 0) + n
+            counts = self.connections
+            for result, n in connection_outcomes(transitions).items():
+                key = labels + (result,)
+                counts[key] = counts.get(key, 0) + n
+
+    def _grouped(self, events):
+        """[(label values, events)] for --metrics-by, with the cap applied."""
+        lport, comm = "lport" in self.by, "comm" in self.by
+        ports, names = self._lport, COMM_TEXTS
+        groups = {}
+        for ev in events:
+            if lport and comm:
+                key = (ports[ev[5]], names[ev[14]] if ev[10] & OWNER_KNOWN else METRICS_NO_OWNER)
+            elif lport:
+                key = (ports[ev[5]],)
+            else:
+                key = (names[ev[14]] if ev[10] & OWNER_KNOWN else METRICS_NO_OWNER,)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = []
+            group.append(ev)
+        capped = {}
+        for key, group in groups.items():
+            if key not in self.label_sets:
+                if len(self.label_sets) < self.limit:
+                    self.label_sets.add(key)
+                else:
+                    if not self.overflowed and self.warn is not None:
+                        self.warn("metrics: more than %d label sets of --metrics-by %s; "
+                                  "the rest are counted as \"%s\""
+                                  % (self.limit, ",".join(self.by), METRICS_OTHER))
+                    self.overflowed = True
+                    key = (METRICS_OTHER,) * len(self.by)
+            capped.setdefault(key, []).extend(group)
+        return list(capped.items())
+
+    def set_lost(self, **causes):
+        """The loss ledger's running totals (cause=count; None where the
+        count is not known on this kernel, which leaves that series out)."""
+        with self.lock:
+            for cause, count in causes.items():
+                if count is None:
+                    self.lost.pop(cause, None)
+                else:
+                    self.lost[cause] = count
+
+    # -- collection, in a reader's thread ---------------------------------
+    def families(self):
+        """The metric families, as the client library's objects (which it
+        imports). Also a Prometheus "custom collector": see collect()."""
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        with self.lock:
+            self._fold()
+            events = self.events
+            transitions = dict(self.transitions)
+            durations = {key: list(entry) for key, entry in self.durations.items()}
+            connections = dict(self.connections)
+            lost = dict(self.lost)
+        by = list(self.by)
+        n = len(by)
+        family = CounterMetricFamily(
+            "tcpstates_transitions",
+            "TCP state changes seen, by old and new state.",
+            labels=by + ["from", "to"])
+        for key in sorted(transitions):
+            family.add_metric(list(key[:n]) + [state_name(key[n]), state_name(key[n + 1])],
+                              transitions[key])
+        yield family
+        family = HistogramMetricFamily(
+            "tcpstates_state_duration_seconds",
+            "Time TCP sockets spent in a state, observed when they left it "
+            "(spans the tracer knows only).",
+            labels=by + ["state"])
+        for key in sorted(durations):
+            entry = durations[key]
+            buckets, total = [], 0
+            for bound, count in zip(DURATION_BOUNDS_US, entry):
+                total += count
+                buckets.append(("%g" % (bound / 1e6), total))
+            buckets.append(("+Inf", total + entry[len(DURATION_BOUNDS_US)]))
+            family.add_metric(list(key[:n]) + [state_name(key[n])], buckets,
+                              sum_value=entry[-1] / 1e6)
+        yield family
+        family = CounterMetricFamily(
+            "tcpstates_connections",
+            "Outgoing connection attempts (connect) that ended, by result: "
+            "established, or failed.",
+            labels=by + ["result"])
+        for key in sorted(connections):
+            family.add_metric(list(key), connections[key])
+        yield family
+        family = CounterMetricFamily(
+            "tcpstates_events",
+            "State-change events that reached the tracer.")
+        family.add_metric([], events)
+        yield family
+        family = CounterMetricFamily(
+            "tcpstates_events_lost",
+            "Events lost or found missing, by cause (see LOSS ACCOUNTING in "
+            "tcpstates(8)).",
+            labels=["cause"])
+        for cause in LOSS_CAUSES:
+            if cause in lost:
+                family.add_metric([cause], lost[cause])
+        yield family
+
+    def collect(self):
+        return self.families()
+
+
+def import_prometheus_client(args):
+    """The client library's registry and exposition parts, or a one-line
+    Fatal naming the option that needs them."""
+    try:
+        import prometheus_client
+        import prometheus_client.exposition  # noqa: F401 (make_wsgi_app, generate_latest)
+    except ImportError:
+        option = "--metrics" if args.metrics else "--metrics-file"
+        raise Fatal("%s needs the Prometheus client library; install "
+                    "python3-prometheus-client and run tcpstates with /usr/bin/python3"
+                    % option) from None
+    return prometheus_client
+
+
+class MetricsExporter:
+    """Publishes a Metrics: over HTTP on --metrics [ADDR:]PORT (every path
+    answers with the metrics), and into the --metrics-file PATH, rewritten
+    atomically every METRICS_FILE_INTERVAL_S seconds and once more at exit.
+
+    The HTTP answer also carries the client library's process_* metrics
+    (the tracer's own CPU time, memory, open files); the file does not:
+    node_exporter's textfile collector would refuse process_* series, which
+    node_exporter exports for itself. start() binds and writes before the
+    program is attached, so that a port in use or an unwritable path ends
+    the run before it starts (Fatal)."""
+
+    def __init__(self, args, metrics, warn):
+        self.args = args
+        self.metrics = metrics
+        self.warn = warn
+        self.server = None
+        self.writer = None
+        self.stopping = threading.Event()
+        self.file_failed = False
+
+    def start(self):
+        client = import_prometheus_client(self.args)
+        if self.args.metrics:
+            registry = client.CollectorRegistry(auto_describe=False)
+            registry.register(self.metrics)
+            client.ProcessCollector(registry=registry)
+            self.server = self._serve(registry, *self.args.metrics)
+        if self.args.metrics_file:
+            self.file_registry = client.CollectorRegistry(auto_describe=False)
+            self.file_registry.register(self.metrics)
+            error = self.write_file()
+            if error:
+                self.close()
+                raise Fatal("--metrics-file: cannot write %s: %s"
+                            % (safe_text(self.args.metrics_file), error))
+            self.writer = threading.Thread(target=self._write_every, name="metrics-file",
+                                           daemon=True)
+            self.writer.start()
+
+    def _serve(self, registry, host, port):
+        import socketserver
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+        from prometheus_client.exposition import make_wsgi_app
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Server(socketserver.ThreadingMixIn, WSGIServer):
+            address_family = family
+            daemon_threads = True
+
+            def server_bind(self):
+                # HTTPServer's would look the address up in DNS (getfqdn):
+                # seconds lost on a host whose resolver does not answer.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = host, port
+                self.setup_environ()
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, *_args):
+                pass        # no line on stderr per scrape
+
+        try:
+            server = make_server(host, port, make_wsgi_app(registry), Server, QuietHandler)
+        except OSError as exc:
+            where = "[%s]:%d" % (host, port) if family == socket.AF_INET6 else "%s:%d" % (host, port)
+            raise Fatal("--metrics: cannot listen on %s: %s"
+                        % (where, exc.strerror or exc)) from None
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                  name="metrics-http", daemon=True)
+        thread.start()
+        return server
+
+    def write_file(self):
+        """Write the metrics to the file through a temporary file in the
+        same directory and a rename, so that a reader sees the old text or
+        the new one, never part of either. The temporary name ends in .tmp
+        (node_exporter reads *.prom only). Returns None, or the error."""
+        from prometheus_client.exposition import generate_latest
+        import tempfile
+        path = self.args.metrics_file
+        directory, name = os.path.split(os.path.abspath(path))
+        try:
+            data = generate_latest(self.file_registry)
+            fd, temp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    # readable by node_exporter's user, whatever the umask
+                    os.fchmod(f.fileno(), 0o644)
+                    f.write(data)
+                os.replace(temp, path)
+            except BaseException:
+                os.unlink(temp)
+                raise
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None
+
+    def _write_every(self):
+        while not self.stopping.wait(METRICS_FILE_INTERVAL_S):
+            self._write_or_warn()
+
+    def _write_or_warn(self):
+        error = self.write_file()
+        if error and not self.file_failed:
+            self.warn("--metrics-file: writing %s failed (%s); trying again every %g s"
+                      % (safe_text(self.args.metrics_file), error, METRICS_FILE_INTERVAL_S))
+        self.file_failed = bool(error)
+
+    def close(self):
+        """Stop serving; write the file a last time, with the final counts."""
+        self.stopping.set()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.join()
+            self._write_or_warn()
+        if self.server is not None:
+            server, self.server = self.server, None
+            server.shutdown()
+            server.server_close()
+
+
 # ---------------------------------------------------------------------------
 # 5. The kernel: checks before any compile work (each failure its own
 # message), facts probed once, the program's configuration, perf rings.
@@ -2166,12 +2586,17 @@ class Tracer:
         self.ledger = Ledger()
         self.rings = None
         self.journal = None
+        # --metrics, --metrics-file: counts kept here, published by a
+        # MetricsExporter (which main starts before the program is attached)
+        self.metrics = None
+        if args.metrics or args.metrics_file:
+            self.metrics = Metrics(args.metrics_by or (), local_port_range(), warn=self.warn)
         if journal_sender is not None:
             self.journal = JournalWriter(self.formatter.clock, self.formatter.procs,
                                          journal_sender, self.warn)
         # A service discards stdout (its records go to the journal): then
-        # rows are not even formatted.
-        self.write_rows = not _is_devnull(out)
+        # rows are not even formatted; nor with --quiet.
+        self.write_rows = not (args.quiet or _is_devnull(out))
         self.report_ns = 0
         self.skipped_known = False
         self.program = None
@@ -2254,7 +2679,8 @@ class Tracer:
         give out everything read. Output that stays blocked past the stop
         grace ends it early: what was read and not written is counted."""
         try:
-            self.out.write_text(self.formatter.header())
+            if self.write_rows:
+                self.out.write_text(self.formatter.header())
             self._loop()
             self.detach()
             if not self.done:
@@ -2309,6 +2735,8 @@ class Tracer:
         ledger = self.ledger
         if self.args.count is not None:
             ready = ready[:self.args.count - ledger.printed]
+        if self.metrics is not None:
+            self.metrics.add(ready)
         self.formatter.procs.refresh()
         if self.write_rows:
             row = self.formatter.row
@@ -2336,6 +2764,11 @@ class Tracer:
             ledger.gaps = self.program.percpu_sum("counters", COUNT_GAP)
             ledger.lost = max(submit_failed, ledger.lost_records)
         ledger.late = self.reorder.late
+        if self.metrics is not None:
+            self.metrics.set_lost(
+                perf_buffer=ledger.lost, kernel_skip=ledger.skipped if self.skipped_known else None,
+                gap=ledger.gaps, not_written=ledger.not_written,
+                journal=self.journal.unsent if self.journal is not None else 0)
 
     def report_lost(self, final=False):
         """Losses, as they happen: at most one stderr line (and with -Y one
@@ -2497,6 +2930,57 @@ def _perf_pages(text):
     return pages
 
 
+def metrics_address(text):
+    """--metrics [ADDR:]PORT -> (address, port). ADDR is an IPv4 address, or
+    an IPv6 address in brackets; without it, 127.0.0.1: the metrics are
+    served beyond this host only when an address says so."""
+    address, port = METRICS_DEFAULT_ADDRESS, text
+    family = socket.AF_INET
+    if text.startswith("["):
+        address, close, port = text[1:].partition("]:")
+        family = socket.AF_INET6
+        if not close:
+            raise argparse.ArgumentTypeError(
+                "invalid address %r: write an IPv6 address as [ADDR]:PORT, e.g. [::1]:9977"
+                % text)
+    elif ":" in text:
+        address, _, port = text.rpartition(":")
+        if ":" in address:
+            raise argparse.ArgumentTypeError(
+                "invalid address %r: write an IPv6 address in brackets, e.g. [::1]:9977" % text)
+        if not address:
+            raise argparse.ArgumentTypeError(
+                "invalid address %r: no address before the colon (0.0.0.0:PORT listens "
+                "on every address, PORT alone on 127.0.0.1)" % text)
+    try:
+        socket.inet_pton(family, address)
+    except (OSError, ValueError):
+        raise argparse.ArgumentTypeError(
+            "invalid address %r: ADDR is an IP address, e.g. 127.0.0.1:9977 or [::1]:9977"
+            % address) from None
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            "invalid port %r: [ADDR:]PORT with a port from 1 to 65535" % port)
+    return address, int(port)
+
+
+def metrics_labels(text):
+    """--metrics-by "lport,comm" -> the chosen label names, in a fixed order."""
+    names = [item.strip() for item in text.split(",")]
+    for name in names:
+        if name not in METRICS_BY_CHOICES:
+            raise argparse.ArgumentTypeError(
+                "invalid label %r: choose from %s (comma-separated)"
+                % (name, ",".join(METRICS_BY_CHOICES)))
+    return tuple(name for name in METRICS_BY_CHOICES if name in names)
+
+
+def file_path(text):
+    if not text or "\0" in text:
+        raise argparse.ArgumentTypeError("invalid path %r" % text)
+    return text
+
+
 def build_parser():
     parser = _Parser(
         prog=PROG,
@@ -2540,6 +3024,17 @@ def build_parser():
                         help="trace IPv6 only")
     parser.add_argument("--no-cache", action="store_true",
                         help="compile the BPF program; neither read nor write the cache")
+    parser.add_argument("--metrics", type=metrics_address, metavar="[ADDR:]PORT",
+                        help="serve Prometheus metrics over HTTP on PORT (address "
+                             "127.0.0.1 unless ADDR is given)")
+    parser.add_argument("--metrics-file", type=file_path, metavar="PATH",
+                        help="write Prometheus metrics to PATH every %g s (for "
+                             "node_exporter's textfile collector)" % METRICS_FILE_INTERVAL_S)
+    parser.add_argument("--metrics-by", type=metrics_labels, metavar="LABELS",
+                        help="also label the metrics by lport, comm or both "
+                             "(at most %d label sets)" % METRICS_BY_LIMIT)
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print no rows (for --metrics, --metrics-file or -Y alone)")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--perf-pages", type=_perf_pages,
                         default=DEFAULT_PERF_PAGES, help=argparse.SUPPRESS)
@@ -2559,6 +3054,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.json and args.csv:
         parser.error("argument -j/--json: not allowed with argument -s/--csv")
+    if args.metrics_by and not (args.metrics or args.metrics_file):
+        parser.error("argument --metrics-by: needs --metrics or --metrics-file")
     return args
 
 
@@ -2596,8 +3093,10 @@ def main(argv=None):
     # checks and the compile too, the run then ends at once, with a summary.
     stop = StopRequest()
     stop.install()
-    tracer = None
+    tracer = exporter = None
     try:
+        if args.metrics or args.metrics_file:
+            import_prometheus_client(args)
         check_privileges()
         check_tracepoint()
         check_kernel_headers()
@@ -2606,6 +3105,10 @@ def main(argv=None):
             sender = import_journal_sender()
             check_journald()
         tracer = Tracer(args, sys.stdout, sender, stop=stop)
+        if tracer.metrics is not None:
+            # listening and writable before the compile and the attach
+            exporter = MetricsExporter(args, tracer.metrics, tracer.warn)
+            exporter.start()
         tracer.load()
         tracer.run()
     except BrokenPipeError:
@@ -2620,6 +3123,8 @@ def main(argv=None):
     finally:
         if tracer is not None:
             tracer.close()
+        if exporter is not None:
+            exporter.close()
     tracer.warn(tracer.summary())
     return 0
 

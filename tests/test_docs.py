@@ -71,7 +71,8 @@ def test_man_fields_cover_every_column(argv):
 def test_man_sections_in_bcc_order():
     sections = re.findall(r"^\.SH (.+)$", read(MAN), re.M)
     assert sections == ["NAME", "SYNOPSIS", "DESCRIPTION", "REQUIREMENTS", "OPTIONS",
-                        "EXAMPLES", "FIELDS", "JOURNAL FIELDS", "LOSS ACCOUNTING", "OVERHEAD",
+                        "EXAMPLES", "FIELDS", "JOURNAL FIELDS", "METRICS", "LOSS ACCOUNTING",
+                        "OVERHEAD",
                         "FILES", "SOURCE", "OS", "STABILITY",
                         "AUTHOR", "SEE ALSO"]
 
@@ -150,3 +151,31 @@ def test_man_documents_every_journal_field():
         tcpstates.journal_fields(v6_event(), clock, procs.owner(v6_event())))
     assert sent <= documented
     assert set(tcpstates.lost_fields(1, 2)) - sent <= set(re.findall(r"TCPSTATES_\w+", section))
+
+
+def test_man_metrics_lists_every_metric_its_labels_and_values():
+    pytest.importorskip("prometheus_client", reason="python3-prometheus-client")
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import CollectorRegistry, generate_latest
+    section = man_section("METRICS").replace("\\-", "-")
+    documented = {}
+    for entry in re.findall(r"^\.TP\n(.+)$", section, re.M):
+        name, _, labels = entry.partition("{")
+        documented[name.strip()] = {l.strip() for l in labels.rstrip("}").split(",") if l}
+    metrics = tcpstates.Metrics()
+    metrics.add([make_event(oldstate=2, newstate=1)])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)
+    exported = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = set()
+        for sample in family.samples:
+            labels |= set(sample.labels) - {"le"}
+        exported[name] = labels
+    assert documented == exported
+    for cause in tcpstates.LOSS_CAUSES + tcpstates.CONNECT_RESULTS:
+        assert '"%s"' % cause in section, cause
+    buckets = ", ".join("%g" % (b / 1e6) for b in tcpstates.DURATION_BOUNDS_US)
+    assert buckets.replace(", 600", " and 600") in " ".join(section.split())
+    assert "At most %d sets" % tcpstates.METRICS_BY_LIMIT in section

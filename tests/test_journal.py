@@ -150,6 +150,7 @@ def installed(tmp_path_factory):
 def test_install_puts_files_where_a_distribution_would(installed):
     for path in ("usr/sbin/tcpstates", "usr/share/man/man8/tcpstates.8",
                  "usr/lib/systemd/system/tcpstates.service",
+                 "usr/lib/systemd/system/tcpstates-metrics.service",
                  "usr/lib/systemd/catalog/tcpstates.catalog",
                  "var/lib/systemd/catalog/database"):
         assert (installed / path).exists(), path
@@ -189,6 +190,30 @@ def test_unit_file_verifies_clean(installed, tmp_path):
     assert "ExecStart=/usr/sbin/tcpstates -Y\n" in unit
     # stdout would reach the journal too: each event stored twice.
     assert "StandardOutput=null\n" in unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_metrics_unit_verifies_clean(installed):
+    if shutil.which("man") is None:
+        pytest.skip("no man (package man-db): Documentation=man:tcpstates(8) cannot be checked")
+    units = installed / "usr/lib/systemd/system"
+    for unit in os.listdir("/lib/systemd/system"):
+        src = os.path.join("/lib/systemd/system", unit)
+        if not (units / unit).exists() and os.path.isfile(src):
+            shutil.copy(src, units / unit)
+    proc = verify_unit(installed, units / "tcpstates-metrics.service",
+                       installed / "usr/share/man")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    unit = (units / "tcpstates-metrics.service").read_text()
+    assert "ExecStart=/usr/sbin/tcpstates --quiet --metrics 127.0.0.1:9977\n" in unit
+    # tcpstates.service's hardening, but for the families the HTTP server needs
+    base = (units / "tcpstates.service").read_text()
+    def hardening(text):
+        return {l for l in text.splitlines() if l and not l.startswith("#") and
+                l.split("=")[0] not in ("Description", "ExecStart", "After",
+                                        "RestrictAddressFamilies")}
+    assert hardening(unit) == hardening(base)
+    assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n" in unit
 
 
 def test_catalog_lists_both_message_ids(installed):
