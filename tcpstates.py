@@ -214,6 +214,14 @@ DEFAULT_MAX_SOCKETS = 131072    # the sockets map (MAX_SOCKETS in the program)
 SOCK_INFO_STRUCT = struct.Struct("<QQIHH16sHHHH16s16s")
 JOURNAL_STUCK_MESSAGE_ID = "91bdd5e7bc024d96bd33b532123d0ce0"
 
+# --lifecycle: one row per socket when it reaches CLOSE (see Lifecycles).
+# The states a socket can spend time in, in TCP_STATES order: one CSV column
+# each (CLOSE ends the life; LISTEN belongs to listeners, which get no row).
+LIFE_STATES = tuple(n for n in TCP_STATES if n not in (7, TCP_LISTEN))
+LIFE_UNKNOWN = "?"              # a state's time in the table when not known
+DEFAULT_MAX_LIFECYCLES = 131072  # sockets tracked at most (oldest evicted)
+JOURNAL_LIFECYCLE_MESSAGE_ID = "36d9f6fc89af41dfaee3ec10074a4f4c"
+
 
 # The exceptions main() turns into exit statuses and one-line messages.
 class UsageError(Exception):
@@ -1128,6 +1136,163 @@ class StuckFormatter:
         return self.fmt % tuple(values[t] for t in self.titles)
 
 
+# A socket's whole life (--lifecycle), as Lifecycles gives it out when the
+# socket reaches CLOSE: ts_ns of the CLOSE event; lifetime_us from its first
+# event seen (at_least: that was not its first transition, the socket
+# predates the tracer or its start was hidden); owner as ProcessCache.owner
+# gives it; states, [(state number, us or None if unknown)] in the order
+# first passed.
+Life = collections.namedtuple("Life", (
+    "ts_ns", "skaddr", "family", "laddr", "lport", "raddr", "rport",
+    "lifetime_us", "at_least", "owner", "states"))
+
+
+def life_states_text(states):
+    """The compact per-state times: "SYN_SENT=0.065 ESTABLISHED=250.298" (ms),
+    "?" for a time not known."""
+    return " ".join("%s=%s" % (state_name(n), LIFE_UNKNOWN if us is None else "%.3f" % (us / 1000))
+                    for n, us in states)
+
+
+class LifeFormatter:
+    """Rows for --lifecycle, in the mode of a Formatter: one per socket, with
+    a header of its own (the output holds no transition rows then).
+    Table and wide: [TIME] [TIME(s)] SKADDR O-PID O-COMM [IP] LADDR LPORT
+    RADDR RPORT MS [O-FROM CGROUP] STATES, MS the lifetime (">=N" when a
+    lower bound), STATES the compact per-state times. CSV: the same columns
+    but STATES, with AT_LEAST (1: MS is a lower bound) after MS, and then one
+    column per state of LIFE_STATES, in ms, empty where the socket did not
+    pass, "-" where its time there is unknown. JSON: "kind": "lifecycle"
+    first, "states" an object state -> ms (null: unknown)."""
+
+    def __init__(self, formatter):
+        self.f = formatter
+        self.mode = formatter.mode
+        args = formatter.args
+        titles = []
+        if args.time:
+            titles.append("TIME")
+        if args.timestamp:
+            titles.append("TIME(s)")
+        titles += ["SKADDR", "O-PID", "O-COMM"]
+        if self.mode in ("wide", "csv"):
+            titles.append("IP")
+        titles += ["LADDR", "LPORT", "RADDR", "RPORT", "MS"]
+        if self.mode == "csv":
+            titles.append("AT_LEAST")
+        if args.extended:
+            titles += ["O-FROM", "CGROUP"]
+        if self.mode == "csv":
+            titles += [state_name(n) for n in LIFE_STATES]
+        else:
+            titles.append("STATES")
+        self.titles = titles
+        if self.mode == "csv":
+            self.fmt = ",".join(["%s"] * len(titles)) + "\n"
+            return
+        wide = self.mode == "wide"
+        convs = {c[0]: c[2 if wide else 1] for c in COLUMNS}
+        convs.update({"O-PID": "%-7s", "O-COMM": "%-16.16s", "MS": "%-11s", "STATES": "%s"})
+        self.fmt = " ".join(convs[t] for t in titles) + "\n"
+        self.header_fmt = " ".join(_title_conversion(convs[t]) for t in titles) + "\n"
+
+    def header(self):
+        if self.mode == "json":
+            return ""
+        if self.mode == "csv":
+            return ",".join(self.titles) + "\n"
+        return self.header_fmt % tuple(self.titles)
+
+    def row(self, life):
+        f = self.f
+        owner = life.owner
+        ms = life.lifetime_us / 1000
+        if self.mode == "json":
+            states = ",".join('"%s":%s' % (state_name(n), "null" if us is None else
+                                           "%.3f" % (us / 1000)) for n, us in life.states)
+            if owner is None:
+                owner = ("null",) * 4
+            else:
+                owner = (owner[0], _json_str(owner[1]), _json_str(owner[2]), _json_str(owner[3]))
+            return ('{"kind":"lifecycle","time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%s,'
+                    '"laddr":"%s","lport":%d,"raddr":"%s","rport":%d,"lifetime_ms":%.3f,'
+                    '"lifetime_at_least":%s,"states":{%s},"owner_pid":%s,"owner_comm":%s,'
+                    '"owner_from":%s,"owner_cgroup":%s}\n' % (
+                        (f.clock.rfc3339(life.ts_ns), f.clock.since_first(life.ts_ns),
+                         life.skaddr, ip_version(life.family),
+                         address_text(life.family, life.laddr), life.lport,
+                         address_text(life.family, life.raddr), life.rport, ms,
+                         "true" if life.at_least else "false", states) + owner))
+        csv_mode = self.mode == "csv"
+        cell = csv_cell if csv_mode else str
+        values = {
+            "TIME": f.clock.hms(life.ts_ns), "TIME(s)": f.clock.since_first(life.ts_ns),
+            "SKADDR": life.skaddr, "IP": ip_version(life.family),
+            "LADDR": address_text(life.family, life.laddr), "LPORT": life.lport,
+            "RADDR": address_text(life.family, life.raddr), "RPORT": life.rport,
+            "MS": "%s%.3f" % (">=" if life.at_least and not csv_mode else "", ms),
+            "AT_LEAST": "1" if life.at_least else "0",
+        }
+        if csv_mode:
+            values["SKADDR"] = "%x" % life.skaddr
+        if owner is None:
+            values.update(dict.fromkeys(OWNER_TITLES, UNKNOWN))
+            values["O-COMM"] = UNKNOWN
+        else:
+            values.update(zip(OWNER_TITLES, (owner[0], cell(owner[1]), owner[2],
+                                             cell(owner[3]))))
+        if csv_mode:
+            passed = dict(life.states)
+            for n in LIFE_STATES:
+                us = passed.get(n, "")
+                values[state_name(n)] = (UNKNOWN if us is None else
+                                         "" if us == "" else "%.3f" % (us / 1000))
+        else:
+            values["STATES"] = life_states_text(life.states)
+        return self.fmt % tuple(values[t] for t in self.titles)
+
+
+def lifecycle_fields(life, clock):
+    """The journal record of a socket's whole life: addresses, ports and
+    owner as in a transition's record, its own MESSAGE_ID, the lifetime and
+    the per-state times (TCPSTATES_STATES, and one TCPSTATES_MS_<STATE> field
+    per state passed whose time is known)."""
+    v = "IPV4" if life.family == socket.AF_INET else "IPV6"
+    owner = life.owner
+    who = ("%s[%d]" % (owner[1], owner[0])) if owner else "unknown owner"
+    states = life_states_text(life.states)
+    fields = {
+        "MESSAGE": "%s: %s \u2192 %s closed after %s%.3f ms: %s" % (
+            who, endpoint_text(life.family, life.laddr, life.lport),
+            endpoint_text(life.family, life.raddr, life.rport),
+            "at least " if life.at_least else "", life.lifetime_us / 1000, states),
+        "MESSAGE_ID": JOURNAL_LIFECYCLE_MESSAGE_ID,
+        "PRIORITY": str(LOG_NOTICE),
+        "SYSLOG_IDENTIFIER": JOURNAL_IDENTIFIER,
+    }
+    if owner:
+        if owner[3]:
+            fields["OBJECT_PID"] = str(owner[0])
+        fields["TCPSTATES_OWNER_PID"] = str(owner[0])
+        fields["TCPSTATES_OWNER_COMM"] = owner[1]
+        fields["TCPSTATES_OWNER_FROM"] = owner[2]
+    fields["OBJECT_%s_SOURCE_ADDRESS" % v] = address_text(life.family, life.laddr)
+    fields["OBJECT_TCP_SOURCE_PORT"] = str(life.lport)
+    fields["OBJECT_%s_DESTINATION_ADDRESS" % v] = address_text(life.family, life.raddr)
+    fields["OBJECT_TCP_DESTINATION_PORT"] = str(life.rport)
+    fields["TCPSTATES_SOCKET"] = "%x" % life.skaddr
+    fields["TCPSTATES_IP_VERSION"] = ip_version(life.family)
+    fields["TCPSTATES_EVENT_REALTIME_USEC"] = str((life.ts_ns + clock.wall_minus_mono) // 1000)
+    fields["TCPSTATES_EVENT_MONOTONIC_USEC"] = str(life.ts_ns // 1000)
+    fields["TCPSTATES_LIFETIME_USEC"] = str(life.lifetime_us)
+    fields["TCPSTATES_LIFETIME_AT_LEAST"] = "1" if life.at_least else "0"
+    fields["TCPSTATES_STATES"] = states
+    for n, us in life.states:
+        if us is not None:
+            fields["TCPSTATES_MS_%s" % state_name(n)] = "%.3f" % (us / 1000)
+    return fields
+
+
 def stuck_fields(ev, clock, owner):
     """The journal record of a stuck report: the fields of a transition's
     record where they mean the same (addresses, ports, owner, OBJECT_TCP_
@@ -1248,6 +1413,9 @@ class JournalWriter:
 
     def stuck(self, ev):
         self._send(stuck_fields(ev, self.clock, self.procs.owner(ev)))
+
+    def lifecycle(self, life):
+        self._send(lifecycle_fields(life, self.clock))
 
 
 # -- Output, continued: metrics for Prometheus (--metrics, --metrics-file) --
@@ -2962,6 +3130,100 @@ class StuckWatch:
         return text
 
 
+class Lifecycles:
+    """--lifecycle: each socket's history, kept in user space from its events
+    (key: skaddr), given out as one Life when the socket reaches CLOSE.
+
+    An event's span is the time its socket spent in OLDSTATE: it is added
+    to that state's time, or makes it unknown when the kernel did not know
+    it (SPAN_KNOWN unset); a missing transition (OLDSTATE is not the state
+    the last event entered: an event lost or skipped) makes both the state
+    left and the one never seen entered unknown. Nothing is guessed.
+
+    The lifetime counts from the socket's first event seen. It is exact when
+    that event is its first transition (CLOSE -> SYN_SENT, a connect; LISTEN
+    -> SYN_RECV, an accepted socket), a lower bound otherwise (a socket that
+    predates the tracer, or whose first event a filter hid: a client's
+    first event has LPORT 0), to which the first span seen is added when
+    known. Addresses and ports are the latest non-zero ones seen (a client's
+    port is chosen after its first event). The owner is the close event's,
+    else the first one known.
+
+    Listeners (sockets that enter or leave LISTEN otherwise than by an
+    accepted socket's LISTEN -> SYN_RECV) get no row: they are not
+    connections. At most `cap` sockets are tracked; past that the oldest
+    (first seen) is dropped and counted in `evicted` (its later events start
+    a history with a lower-bound lifetime). Work per event: a dict lookup
+    and a few assignments, only with --lifecycle."""
+
+    def __init__(self, procs, cap=DEFAULT_MAX_LIFECYCLES):
+        self.procs = procs
+        self.cap = cap
+        # skaddr -> [first_ts, at_least, last_new, {state: us or None},
+        #            family, laddr, lport, raddr, rport, owner, listener]
+        self.live = {}
+        self.count = 0
+        self.evicted = 0
+
+    def add(self, events):
+        """Feed events in timestamp order; the Lifes completed by them."""
+        live, done = self.live, []
+        for ev in events:
+            ts, sk, span, _pid, _op, lport, rport, family, old, new, flags, \
+                laddr, raddr, _comm, _oc, _os = ev
+            h = live.get(sk)
+            if h is None:
+                if len(live) >= self.cap:
+                    del live[next(iter(live))]
+                    self.evicted += 1
+                accepted = old == TCP_LISTEN and new == 3
+                start = ts
+                if old != 7 and not accepted and flags & SPAN_KNOWN:
+                    start -= span * 1000
+                h = live[sk] = [start, old != 7 and not accepted, None, {}, family,
+                                laddr, lport, raddr, rport, None,
+                                (old == TCP_LISTEN or new == TCP_LISTEN) and not accepted]
+            elif old == TCP_LISTEN or new == TCP_LISTEN:
+                h[10] = True
+            times = h[3]
+            if h[2] is not None and old != h[2]:
+                times[h[2]] = None              # entered unseen: time unknown
+                times[old] = None
+            elif old != 7 and old != TCP_LISTEN:
+                known = times.get(old, 0)
+                times[old] = known + span if known is not None and flags & SPAN_KNOWN \
+                    else None
+            h[2] = new
+            if lport:
+                h[5], h[6] = laddr, lport
+            if rport:
+                h[7], h[8] = raddr, rport
+            if h[9] is None and flags & OWNER_KNOWN:
+                h[9] = self.procs.owner(ev)
+            if new != 7:
+                continue
+            del live[sk]
+            if h[10]:
+                continue
+            owner = self.procs.owner(ev) if flags & OWNER_KNOWN else None
+            done.append(Life(ts, sk, h[4], h[5], h[6], h[7], h[8], max(0, ts - h[0]) // 1000,
+                             h[1], owner or h[9], list(times.items())))
+        self.count += len(done)
+        return done
+
+    def open_connections(self):
+        """Sockets tracked that have not closed, listeners left out."""
+        return sum(1 for h in self.live.values() if not h[10])
+
+    def summary(self, printed):
+        text = ("lifecycle: %d connections closed (%d printed), %d still open at exit "
+                "(not printed)" % (self.count, printed, self.open_connections()))
+        if self.evicted:
+            text += ("; %d sockets dropped from the full table (%d entries), oldest first: "
+                     "their lifetimes are lower bounds" % (self.evicted, self.cap))
+        return text
+
+
 class Tracer:
     """Compiles the program, fills its maps, attaches it, and moves events
     from the perf buffers to the output in kernel-timestamp order, keeping
@@ -2994,6 +3256,12 @@ class Tracer:
         self.program = None
         self.stuck = None           # a StuckWatch, with --stuck (see load)
         self.stuck_rows = StuckFormatter(self.formatter) if args.stuck else None
+        # --lifecycle: histories kept here, one row per socket at its CLOSE
+        self.lifecycles = self.life_rows = None
+        if args.lifecycle:
+            self.lifecycles = Lifecycles(self.formatter.procs,
+                                         args.max_sockets or DEFAULT_MAX_LIFECYCLES)
+            self.life_rows = LifeFormatter(self.formatter)
         self.filtered = bool(args.localport or args.remoteport or args.pid or args.ipv4
                              or args.ipv6 or args.from_states or args.to_states
                              or args.min_span is not None)
@@ -3077,7 +3345,7 @@ class Tracer:
         grace ends it early: what was read and not written is counted."""
         try:
             if self.write_rows:
-                self.out.write_text(self.formatter.header())
+                self.out.write_text((self.life_rows or self.formatter).header())
             self._loop()
             self.detach()
             if not self.done:
@@ -3091,6 +3359,8 @@ class Tracer:
         self.report_lost(final=True)
         if self.stuck is not None:
             self.warn(self.stuck.summary())
+        if self.lifecycles is not None:
+            self.warn(self.lifecycles.summary(self.ledger.printed))
 
     def _loop(self):
         poll = self.rings.poll
@@ -3133,6 +3403,9 @@ class Tracer:
         ready = self.reorder.release(horizon)
         if not ready:
             return
+        if self.lifecycles is not None:
+            self._drain_lifecycles(ready)
+            return
         ledger = self.ledger
         if self.args.count is not None:
             ready = ready[:self.args.count - ledger.printed]
@@ -3152,6 +3425,31 @@ class Tracer:
             for ev in ready:
                 send(ev)
         ledger.printed += len(ready)
+
+    def _drain_lifecycles(self, ready):
+        """--lifecycle: the events go to the histories; the sockets they
+        close are the rows (counted as printed; --count counts them)."""
+        if self.metrics is not None:
+            self.metrics.add(ready)
+        self.formatter.procs.refresh()
+        lives = self.lifecycles.add(ready)
+        if not lives:
+            return
+        ledger = self.ledger
+        if self.args.count is not None:
+            lives = lives[:self.args.count - ledger.printed]
+        if self.write_rows:
+            row = self.life_rows.row
+            try:
+                self.out.write_rows("".join([row(life) for life in lives]))
+            except WriteAborted as exc:
+                ledger.printed += exc.rows
+                ledger.not_written += len(lives) - exc.rows
+                raise
+        if self.journal is not None:
+            for life in lives:
+                self.journal.lifecycle(life)
+        ledger.printed += len(lives)
 
     def _report_stuck(self, now_ns):
         """--stuck: the reports due, written like rows (and counted as
@@ -3260,6 +3558,7 @@ EXAMPLES = """examples:
     tcpstates --min-span 1000               # states that lasted 1 s or more
     tcpstates -j --duration 60 --count 1000 # bounded run
     tcpstates --stuck 60 -x                 # also sockets stuck 60 s (owner shown)
+    tcpstates -l                            # one row per connection, time per state
 
 At exit one line goes to stderr: "summary: N printed, N lost, N skipped by
 the kernel, N gaps, N not written, N late" (LOSS ACCOUNTING in tcpstates(8)
@@ -3457,6 +3756,9 @@ def build_parser():
                              "CLOSING, once per socket and state (C-COMM STUCK)")
     parser.add_argument("--stuck-states", type=state_list, metavar="STATES",
                         help="the states --stuck watches instead")
+    parser.add_argument("-l", "--lifecycle", action="store_true",
+                        help="instead of one row per transition, one row per connection "
+                             "when it closes: owner, lifetime, time in each state")
     parser.add_argument("--no-cache", action="store_true",
                         help="compile the BPF program; neither read nor write the cache")
     parser.add_argument("--metrics", type=metrics_address, metavar="[ADDR:]PORT",
@@ -3493,6 +3795,13 @@ def parse_args(argv):
         parser.error("argument --metrics-by: needs --metrics or --metrics-file")
     if args.stuck_states and not args.stuck:
         parser.error("argument --stuck-states: only with --stuck")
+    if args.lifecycle:
+        # they would cut the histories short; --stuck rows have other columns
+        for given, name in ((args.from_states, "--from"), (args.to_states, "--to"),
+                            (args.min_span is not None, "--min-span"),
+                            (args.stuck, "--stuck")):
+            if given:
+                parser.error("argument -l/--lifecycle: not allowed with argument %s" % name)
     return args
 
 
