@@ -186,7 +186,9 @@ def test_per_state_times_match_what_the_test_timed():
         acc, _ = srv.accept()
         time.sleep(0.300)                       # both ESTABLISHED
         t_close = time.monotonic()
-        cli.close()                             # client FIN_WAIT2, accepted CLOSE_WAIT
+        cli.close()                             # accepted CLOSE_WAIT; the client's
+        # FIN_WAIT2 hands over to a time-wait mini-socket at once (no
+        # tracepoint sees it), so the client's life ends here
         time.sleep(0.200)
         t_acc_close = time.monotonic()
         acc.close()                             # LAST_ACK, then CLOSE both
@@ -199,13 +201,13 @@ def test_per_state_times_match_what_the_test_timed():
         crow, = mine(client.snapshot())
         arow, = mine(accepted.snapshot())
     est_ms = (t_close - t_est) * 1000
-    fin2_ms = (t_acc_close - t_close) * 1000
     close_wait_ms = (t_acc_close - t_close) * 1000
     assert abs(float(crow["ESTABLISHED"]) - est_ms) < 10, (crow, est_ms)
-    assert abs(float(crow["FIN_WAIT2"]) - fin2_ms) < 10, (crow, fin2_ms)
+    assert float(crow["FIN_WAIT1"]) + float(crow["FIN_WAIT2"]) < 10, crow
     assert abs(float(arow["ESTABLISHED"]) - est_ms) < 10, (arow, est_ms)
     assert abs(float(arow["CLOSE_WAIT"]) - close_wait_ms) < 10, (arow, close_wait_ms)
-    assert abs(float(crow["MS"]) - (t_end - t_est) * 1000) < 10, crow
+    assert abs(float(crow["MS"]) - est_ms) < 10, crow
+    assert abs(float(arow["MS"]) - (t_end - t_est) * 1000) < 10, arow
     assert crow["AT_LEAST"] == "0" and arow["AT_LEAST"] == "0"
     assert crow["SYN_SENT"] and float(crow["SYN_SENT"]) < 10
     assert crow["O-PID"] == str(os.getpid()) and arow["O-PID"] == str(os.getpid())
@@ -220,16 +222,18 @@ def cli_port(accepted_row):
 @pytest.mark.live
 def test_one_row_per_connection_under_load(loadgen):
     port = free_port()
-    with TracerRun("-l", "-j", "-D", str(port)) as tracer:
+    # CSV: its header shows the tracer ready (a JSON run's readiness probe
+    # would be filtered out by -D)
+    with TracerRun("-l", "-s", "-D", str(port)) as tracer:
         load = run_load(loadgen, port, "-n", 1000)
-        n = tracer.settle(lambda ls: len(ls), load["connections"], timeout=30)
+        n = tracer.settle(lambda ls: len(ls) - 1, load["connections"], timeout=30)
         assert tracer.stop() == 0
-        recs = [json.loads(l) for l in tracer.snapshot()]
+        rows = parse_csv(tracer.snapshot())
     assert n == load["connections"] == 1000, (n, load)
-    assert all(r["kind"] == "lifecycle" and r["rport"] == port for r in recs)
-    assert len({(r["skaddr"], r["lport"]) for r in recs}) == 1000
+    assert all(r["RPORT"] == str(port) for r in rows)
+    assert len({(r["SKADDR"], r["LPORT"]) for r in rows}) == 1000
     s = helpers.summary(tracer.stderr)
     assert s["printed"] == 1000 and s["lost"] == 0
     # every row a full life, unless the kernel skipped one of its events
-    full = [r for r in recs if not r["lifetime_at_least"] and "ESTABLISHED" in r["states"]]
+    full = [r for r in rows if r["AT_LEAST"] == "0" and r["ESTABLISHED"] not in ("", "-")]
     assert len(full) >= 1000 - s["skipped"] - s["gaps"]
