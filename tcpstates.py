@@ -1149,8 +1149,9 @@ LOSS_CAUSES = ("perf_buffer", "kernel_skip", "gap", "not_written", "journal")
 CONNECT_RESULTS = ("established", "failed")
 _TCP_ESTABLISHED, _TCP_SYN_SENT, _TCP_CLOSE = 1, 2, 7
 # Metrics.add keeps one int per event, folded into the counts in bulk (at
-# a scrape, a file write, or when this many are waiting).
-METRICS_FOLD_AT = 50_000
+# a scrape, a file write, or when this many are waiting: the sort costs
+# least per event at a few thousand, which stay in the CPU's caches).
+METRICS_FOLD_AT = 4096
 _SPAN_BITS = 48         # a span is below 2**48 us (8.9 years): spans are
 _SPAN_MASK = (1 << _SPAN_BITS) - 1      # bounded by the uptime
 
@@ -1199,9 +1200,9 @@ class Metrics:
     add() does the least it can per event: it makes one int of each event,
     oldstate, newstate, whether the span is known, and the span, packed so
     that ints sort by (oldstate, newstate, known, span), and keeps them.
-    fold() sorts what was kept and finds every count by bisection, so that
-    its cost per event is one sort, however small the batches were (they
-    are tens of events at a few thousand a second).
+    _fold() sorts a few thousand of them at a time and finds every count by
+    bisection, so that its cost per event is a share of one sort however
+    small the batches were (tens of events at a few thousand a second).
 
     With `by` ("lport", "comm" or both) the counts are kept per set of
     those label values. The sets are capped at `limit`: events of later
@@ -1240,16 +1241,16 @@ class Metrics:
         if not events:
             return
         groups = self._grouped(events) if self.by else (((), events),)
-        for labels, batch in groups:
-            packed = [((ev[8] << 16 | ev[9]) << 1 | ev[10] & SPAN_KNOWN) << _SPAN_BITS | ev[2]
-                      for ev in batch]
-            with self.lock:
+        packed = [(labels, [((ev[8] << 16 | ev[9]) << 1 | ev[10] & SPAN_KNOWN) << _SPAN_BITS
+                            | ev[2] for ev in batch])
+                  for labels, batch in groups]
+        with self.lock:
+            for labels, keys in packed:
                 kept = self.pending.get(labels)
                 if kept is None:
-                    self.pending[labels] = packed
+                    self.pending[labels] = keys
                 else:
-                    kept.extend(packed)
-        with self.lock:
+                    kept.extend(keys)
             self.events += len(events)
             self.npending += len(events)
             if self.npending >= METRICS_FOLD_AT:
