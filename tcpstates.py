@@ -25,7 +25,10 @@ Where things are, top to bottom (each section under a banner):
   3. Text helpers  state names, safe_text, addresses, process names, Clock,
                    ProcessCache (what /proc says of an owner).
   4. Output        Formatter (table, wide, CSV, JSON rows from COLUMNS),
-                   journal records and JournalWriter.
+                   journal records and JournalWriter; then, bannered, the
+                   metrics for Prometheus: Metrics (counted per batch from
+                   Tracer._drain, loss from Tracer.read_counters) and
+                   MetricsExporter (--metrics HTTP, --metrics-file).
   5. Kernel        checks before compiling, probe_kernel, bpf_cflags (pure),
                    existing listeners, perf rings (PerfRings, BccRings).
   6. Runtime       StopRequest, Sink (writes that never hang), Reorderer,
@@ -37,7 +40,10 @@ Formatter._fast_row (and in tests/oracle.py). A kernel filter: a -D define
 in bpf_cflags, its test in the C program's in_view() or probe, an option in
 build_parser. A loss counter: an index in the C program's counters array,
 its reading in Tracer.read_counters, a field in Ledger, its word in
-Tracer.summary and in the man page's LOSS ACCOUNTING.
+Tracer.summary and in the man page's LOSS ACCOUNTING (and a cause in
+LOSS_CAUSES, set in Tracer.read_counters). A metric: its count in
+Metrics._fold, its family in Metrics.families, an entry in the man page's
+METRICS.
 """
 
 import argparse
