@@ -161,9 +161,10 @@ Event = collections.namedtuple("Event", (
 TRACEPOINT = "sock:inet_sock_set_state"
 DESTROY_TRACEPOINT = "tcp:tcp_destroy_sock"     # Linux 4.16; optional
 COUNT_SUBMIT_FAILED, COUNT_GAP = 0, 1     # the program's counters array
+COUNT_TRACKED, COUNT_FORGOTTEN = 2, 3      # (entries of the sockets map)
 TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
 DEFAULT_PERF_PAGES = 256        # per CPU: 1 MiB, about 10,000 events
-POLL_TIMEOUT_MS = 50            # a lone event shows within about this long
+POLL_TIMEOUT_MS = 20            # a lone event shows within about this long
 WAKEUP_EVENTS = 64              # reader wake-ups: one per this many events
 REORDER_MARGIN_NS = 2_000_000   # see Reorderer
 WRITE_GRACE_S = 2.0             # see StopRequest
@@ -203,6 +204,21 @@ JOURNAL_LOST_MESSAGE_ID = "8603391e3ee349579d0092a49adf604f"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 JOURNAL_IDENTIFIER = "tcpstates"
 LOG_NOTICE, LOG_WARNING = 5, 4
+
+# --stuck: a socket that has stayed SECONDS in one of these states (by
+# default those where staying means something is wrong) is reported once
+# per socket and state, as a row of its own kind (see StuckWatch).
+STUCK_STATES = (2, 3, 4, 5, 8, 9, 11)   # SYN_SENT SYN_RECV FIN_WAIT1 FIN_WAIT2
+                                        # CLOSE_WAIT LAST_ACK CLOSING
+STUCK_CHECK_NS = 1_000_000_000  # the sockets map is read at most this often
+STUCK_REPORT = 0x100            # Event.flags, set by user space only: a stuck row
+AGE_AT_LEAST = 0x200            # its age is a lower bound (the socket predates
+                                # the tracer, its entry into the state unseen)
+STUCK_COMM = b"STUCK"           # C-COMM of a stuck row ("STUCK>=": at least)
+DEFAULT_MAX_SOCKETS = 131072    # the sockets map (MAX_SOCKETS in the program)
+# struct sock_info, as the program lays it out (80 bytes)
+SOCK_INFO_STRUCT = struct.Struct("<QQIHH16sHHHH16s16s")
+JOURNAL_STUCK_MESSAGE_ID = "91bdd5e7bc024d96bd33b532123d0ce0"
 
 
 # The exceptions main() turns into exit statuses and one-line messages.
@@ -293,6 +309,16 @@ struct sock_info {
     u16 oflags;
     u16 state;          /* the last state seen, to find missed transitions */
     char ocomm[16];
+    /* The socket's addresses as of its last event, so that --stuck can
+     * report a socket that has stopped producing events from this map
+     * alone (40 bytes an entry; a client's port is 0 until its first event
+     * after CLOSE -> SYN_SENT). */
+    u16 family;
+    u16 lport;
+    u16 rport;
+    u16 pad;
+    u8 laddr[16];
+    u8 raddr[16];
 };
 BPF_TABLE("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS);
 
@@ -330,7 +356,12 @@ BPF_PERF_OUTPUT(events);
  *                        (the kernel skipped it, or it was lost) */
 #define COUNT_SUBMIT_FAILED 0
 #define COUNT_GAP           1
-#define N_COUNTERS          2
+/*   COUNT_TRACKED        entries added to the sockets map
+ *   COUNT_FORGOTTEN      entries deleted from it (at CLOSE or destruction):
+ *                        what neither holds nor forgot, the LRU evicted */
+#define COUNT_TRACKED       2
+#define COUNT_FORGOTTEN     3
+#define N_COUNTERS          4
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 
 static inline void count(u32 which)
@@ -483,13 +514,29 @@ int on_set_state(struct tracepoint__sock__inet_sock_set_state *args)
      * a socket's first events can carry port 0 (a client's local port is
      * chosen during connect), and its later spans and owner must be right. */
     if (newstate == TCP_CLOSE) {
-        if (stored)
-            sockets.delete(&sk);
+        if (stored && sockets.delete(&sk) == 0)
+            count(COUNT_FORGOTTEN);
     } else {
         info->since = now;
         info->state = newstate;
-        if (!stored)
-            sockets.update(&sk, info);
+        info->family = family;
+        info->lport = lport;
+        info->rport = rport;
+        if (family == AF_INET) {
+            __builtin_memcpy(info->laddr, args->saddr, 4);
+            __builtin_memcpy(info->raddr, args->daddr, 4);
+        } else {
+            __builtin_memcpy(info->laddr, args->saddr_v6, 16);
+            __builtin_memcpy(info->raddr, args->daddr_v6, 16);
+        }
+        if (!stored) {
+            /* insert first: only a new entry counts as tracked (an entry
+             * left under this address by a freed socket is replaced) */
+            if (sockets.insert(&sk, info) == 0)
+                count(COUNT_TRACKED);
+            else
+                sockets.update(&sk, info);
+        }
     }
     if (newstate == TCP_LISTEN) {
         /* Two processes can listen on one key at the same instant (on two
@@ -574,7 +621,8 @@ int on_destroy(struct tracepoint__tcp__tcp_destroy_sock *args)
 #endif
     if (view)
         count(COUNT_GAP);
-    sockets.delete(&sk);
+    if (sockets.delete(&sk) == 0)
+        count(COUNT_FORGOTTEN);
     return 0;
 }
 #endif
@@ -917,15 +965,21 @@ class Formatter:
             return ""
         if self.mode == "csv":
             return ",".join(self.header_fields()) + "\n"
-        return self._format(title=True) % tuple(self.header_fields())
+        return self._format(title=True) % tuple(t for t in self.header_fields() if t != "->")
 
     def _format(self, title=False):
         """The printf format of a row (or of the header): shown columns joined
         by a space (CSV: a comma); a hidden one takes its value and prints
-        nothing ("%.0s"), without a separator."""
+        nothing ("%.0s"), without a separator; the arrow is text, not a
+        value (one argument less per row)."""
         sep = "," if self.mode == "csv" else " "
         parts, hidden = [], ""
-        for _title, conv in self.columns:
+        for name, conv in self.columns:
+            if name == "->":                    # no value: the arrow itself
+                if conv is not None:
+                    parts.append(hidden + name)
+                    hidden = ""
+                continue
             if conv is None:
                 if not title:
                     hidden += "%.0s"
@@ -956,7 +1010,7 @@ class Formatter:
 
         def json_row(ev):
             ts, sk, span, pid, _op, lport, rport, family, old, new, flags, \
-                laddr, raddr, comm = ev[:14]
+                laddr, raddr, comm, _oc, _os = ev
             if family == af_inet:
                 la, ra, ip = a4[laddr], a4[raddr], 4
             else:
@@ -984,25 +1038,25 @@ class Formatter:
 
         def core(ev):
             _ts, sk, span, pid, _op, lport, rport, family, old, new, _fl, \
-                laddr, raddr, comm = ev[:14]
+                laddr, raddr, comm, _oc, _os = ev
             if family == af_inet:
                 la, ra, ip = a4[laddr], a4[raddr], "4"
             else:
                 la, ra, ip = a6[laddr], a6[raddr], "6"
-            return (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], "->", st[new],
+            return (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], st[new],
                     span / 1000)
 
         if not (want_time or want_ts or extended):
             # core() inlined: the common case, one call less per event
             def plain_row(ev):
                 _ts, sk, span, pid, _op, lport, rport, family, old, new, _fl, \
-                    laddr, raddr, comm = ev[:14]
+                    laddr, raddr, comm, _oc, _os = ev
                 if family == af_inet:
                     la, ra, ip = a4[laddr], a4[raddr], "4"
                 else:
                     la, ra, ip = a6[laddr], a6[raddr], "6"
-                return fmt % (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], "->",
-                              st[new], span / 1000)
+                return fmt % (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], st[new],
+                              span / 1000)
             return plain_row
 
         time_of, since_first = self.clock.hms, self.clock.since_first
@@ -1021,6 +1075,86 @@ class Formatter:
                     owner[0], cell[owner[1]], owner[2], cell[owner[3]])
             return fmt % (head + core(ev) + tail)
         return full_row
+
+
+class StuckFormatter:
+    """Rows for --stuck reports, in the mode of a Formatter and under its
+    header. A stuck row is a row of the same columns, so that CSV readers
+    keep working: OLDSTATE = NEWSTATE = the state the socket is stuck in,
+    MS its age in that state so far, C-PID the socket's owner (0 if
+    unknown: no task is on a CPU for something that does not happen) and
+    C-COMM the word STUCK, or STUCK>= when the age is only a lower bound
+    (the socket predates the tracer); the table then also shows MS as
+    ">=N". A transition never has OLDSTATE = NEWSTATE. In JSON the line has
+    "kind": "stuck" first and "age_at_least" last; a line without "kind"
+    is a transition, as before."""
+
+    def __init__(self, formatter):
+        self.f = formatter
+        self.mode = formatter.mode
+        sep = "," if self.mode == "csv" else " "
+        parts = []
+        for title, conv in formatter.columns:
+            if conv is None:
+                continue
+            if title == "->":
+                parts.append("->")
+            elif title == "MS":
+                parts.append(_title_conversion(conv))   # a text: ">=" may lead
+            else:
+                parts.append(conv)
+        self.fmt = sep.join(parts) + "\n"
+        self.titles = [t for t, c in formatter.columns if c is not None and t != "->"]
+
+    def row(self, ev):
+        ev = as_event(ev)
+        f = self.f
+        if self.mode == "json":
+            line = f.row(ev)
+            return '{"kind":"stuck",%s,"age_at_least":%s}\n' % (
+                line[1:-2], "true" if ev.flags & AGE_AT_LEAST else "false")
+        at_least = ev.flags & AGE_AT_LEAST
+        csv_mode = self.mode == "csv"
+        cell = csv_cell if csv_mode else str
+        owner = f.procs.owner(ev)
+        values = {
+            "TIME": f.clock.hms(ev.ts_ns), "TIME(s)": f.clock.since_first(ev.ts_ns),
+            "SKADDR": ev.skaddr, "C-PID": ev.pid, "C-COMM": comm_text(ev.comm),
+            "IP": ip_version(ev.family),
+            "LADDR": address_text(ev.family, ev.laddr), "LPORT": ev.lport,
+            "RADDR": address_text(ev.family, ev.raddr), "RPORT": ev.rport,
+            "OLDSTATE": state_name(ev.oldstate), "NEWSTATE": state_name(ev.newstate),
+            "MS": "%s%.3f" % (">=" if at_least and not csv_mode else "", ev.span_us / 1000),
+        }
+        if owner is None:
+            values.update(dict.fromkeys(OWNER_TITLES, UNKNOWN))
+        else:
+            values.update(zip(OWNER_TITLES, (owner[0], cell(owner[1]), owner[2],
+                                             cell(owner[3]))))
+        return self.fmt % tuple(values[t] for t in self.titles)
+
+
+def stuck_fields(ev, clock, owner):
+    """The journal record of a stuck report: the fields of a transition's
+    record where they mean the same (addresses, ports, owner, OBJECT_TCP_
+    OLD_STATE = NEW_STATE = the state), its own MESSAGE_ID, PRIORITY 4
+    (warning), and the age. No on-CPU task, no span."""
+    ev = as_event(ev)
+    fields = journal_fields(ev, clock, owner)
+    for name in ("OBJECT_TCP_SPAN_TIME", "TCPSTATES_ONCPU_PID", "TCPSTATES_ONCPU_COMM"):
+        fields.pop(name, None)
+    at_least = bool(ev.flags & AGE_AT_LEAST)
+    who = ("%s[%d]" % (owner[1], owner[0])) if owner else "unknown owner"
+    fields["MESSAGE"] = "%s: %s \u2192 %s stuck in %s for %s%.3f s" % (
+        who, endpoint_text(ev.family, ev.laddr, ev.lport),
+        endpoint_text(ev.family, ev.raddr, ev.rport), state_name(ev.newstate),
+        "at least " if at_least else "", ev.span_us / 1e6)
+    fields["MESSAGE_ID"] = JOURNAL_STUCK_MESSAGE_ID
+    fields["PRIORITY"] = str(LOG_WARNING)
+    fields["TCPSTATES_STUCK_STATE"] = state_name(ev.newstate)
+    fields["TCPSTATES_STUCK_AGE_USEC"] = str(ev.span_us)
+    fields["TCPSTATES_AGE_AT_LEAST"] = "1" if at_least else "0"
+    return fields
 
 
 def lost_fields(lost, total, gaps=0, gaps_total=0):
@@ -1117,6 +1251,9 @@ class JournalWriter:
 
     def lost(self, lost, total, gaps=0, gaps_total=0):
         self._send(lost_fields(lost, total, gaps, gaps_total))
+
+    def stuck(self, ev):
+        self._send(stuck_fields(ev, self.clock, self.procs.owner(ev)))
 
 
 # -- Output, continued: metrics for Prometheus (--metrics, --metrics-file) --
@@ -1811,6 +1948,8 @@ def libbpf():
             ("bpf_close_perf_event_fd", i, [i]),
             ("bpf_update_elem", i, [i, p, p, ctypes.c_ulonglong]),
             ("bpf_lookup_elem", i, [i, p, p]),
+            ("bpf_get_next_key", i, [i, p, p]),
+            ("bpf_lookup_batch", i, [i, p, p, p, p, p]),
             ("bpf_obj_get_info", i, [i, p, ctypes.POINTER(ctypes.c_uint32)]),
             ("bpf_open_perf_buffer_opts", p, [p, p, p, i, p]),
             ("perf_reader_poll", i, [i, p, i]),
@@ -1821,6 +1960,9 @@ def libbpf():
         fn.restype, fn.argtypes = restype, argtypes
     _LIBBPF.append(lib)
     return lib
+
+
+errno_ENOENT, errno_EINVAL, errno_ENOTSUPP, errno_EOPNOTSUPP = 2, 22, 524, 95
 
 
 def _errno_text(what):
@@ -1999,6 +2141,45 @@ class Program:
         if self.lib.bpf_update_elem(self.maps[name], key, value, 0) != 0:
             raise OSError(ctypes.get_errno(), _errno_text("updating map " + name))
 
+    def iterate(self, name, key_size, value_size, batch=4096):
+        """Every (key, value) of a hash map, as bytes: in batches of one
+        system call each where the kernel has them (Linux 5.6), else one
+        key at a time. A read from user space does not count as a use for
+        an LRU map, so reading never changes what it evicts."""
+        fd, lib = self.maps[name], self.lib
+        if getattr(self, "_batch_ok", True):
+            keys = ctypes.create_string_buffer(key_size * batch)
+            values = ctypes.create_string_buffer(value_size * batch)
+            token, next_token = ctypes.c_uint32(), ctypes.c_uint32()
+            first = True
+            while True:
+                count = ctypes.c_uint32(batch)
+                rc = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token),
+                                          ctypes.byref(next_token), keys, values,
+                                          ctypes.byref(count))
+                err = ctypes.get_errno() if rc != 0 else 0
+                if rc != 0 and err != errno_ENOENT:
+                    if first and err in (errno_EINVAL, errno_ENOTSUPP, errno_EOPNOTSUPP):
+                        self._batch_ok = False      # an older kernel: one by one
+                        break
+                    raise OSError(err, _errno_text("reading map " + name))
+                kraw, vraw = keys.raw, values.raw
+                for i in range(count.value):
+                    yield (kraw[i * key_size:(i + 1) * key_size],
+                           vraw[i * value_size:(i + 1) * value_size])
+                if rc != 0:
+                    return                          # ENOENT: that was the last
+                token.value, first = next_token.value, False
+        key = ctypes.create_string_buffer(key_size)
+        next_key = ctypes.create_string_buffer(key_size)
+        value = ctypes.create_string_buffer(value_size)
+        start = None
+        while lib.bpf_get_next_key(fd, start, next_key) == 0:
+            ctypes.memmove(key, next_key, key_size)
+            start = key
+            if lib.bpf_lookup_elem(fd, key, value) == 0:    # (it may be gone)
+                yield key.raw, value.raw
+
     def percpu_sum(self, name, index):
         """The sum over CPUs of a per-CPU array's u64 at index."""
         value = ctypes.create_string_buffer(8 * self.ncpus)
@@ -2024,6 +2205,16 @@ def bcc_version():
             return f.read().strip()
     except OSError:
         return ""
+
+
+def sha256_hex(data):
+    # CPython's own SHA-256 where it has it: hashlib would load OpenSSL,
+    # 5 ms of a warm start's 0.1 s.
+    try:
+        from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
+    return sha256(data).hexdigest()
 
 
 def cache_key(cflags, hooks, *, bcc=None, release=None, formats=None, cpus=None):
@@ -2052,8 +2243,7 @@ def cache_key(cflags, hooks, *, bcc=None, release=None, formats=None, cpus=None)
         "possible_cpus": cpus if cpus is not None else cpu_list(
             "/sys/devices/system/cpu/possible"),
     }
-    import hashlib
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return sha256_hex(json.dumps(parts, sort_keys=True).encode())
 
 
 class ProgramCache:
@@ -2088,10 +2278,9 @@ class ProgramCache:
         except OSError as exc:
             self.warn("cache: cannot read %s (%s); compiling" % (path, exc.strerror))
             return None
-        import hashlib
         checksum, _, body = data.partition(b"\n")
         try:
-            if hashlib.sha256(body).hexdigest().encode() != checksum:
+            if sha256_hex(body).encode() != checksum:
                 raise ValueError("checksum mismatch")
             return json.loads(body)
         except ValueError as exc:
@@ -2099,10 +2288,9 @@ class ProgramCache:
             return None
 
     def write(self, key, saved):
-        import hashlib
         import tempfile
         body = json.dumps(saved, sort_keys=True).encode()
-        data = hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+        data = sha256_hex(body).encode() + b"\n" + body
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             if not self._safe(self.directory, os.stat(self.directory)):
@@ -2564,6 +2752,223 @@ class Ledger:
         self.reported = dict.fromkeys(self.FIELDS, 0)
 
 
+def proc_net_sockets(proc="/proc", states=None):
+    """The TCP sockets of every network namespace a process is in, from
+    /proc/PID/net/tcp{,6} (one process per namespace), as {(namespace,
+    family, laddr, lport, raddr, rport): (state, inode)}; addresses as the
+    16 bytes the program uses. Only sockets in `states`, if given.
+
+    The file prints each address as 32-bit words in the host's byte order;
+    its state column is hex. (Its timer columns say nothing of how long the
+    socket has been in its state.)"""
+    found = {}
+    seen = set()
+    try:
+        pids = [name for name in os.listdir(proc) if name.isdigit()]
+    except OSError:
+        pids = []
+    for pid in ["self"] + pids:
+        try:
+            namespace = os.readlink("%s/%s/ns/net" % (proc, pid))
+        except OSError:
+            continue
+        if namespace in seen:
+            continue
+        seen.add(namespace)
+        for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+            try:
+                with open("%s/%s/net/%s" % (proc, pid, name)) as f:
+                    next(f, None)
+                    for line in f:
+                        parts = line.split()
+                        if len(parts) < 10:
+                            continue
+                        state = int(parts[3], 16)
+                        if states is not None and state not in states:
+                            continue
+                        if parts[5].startswith("03:"):
+                            # a time-wait mini-socket (also shown as
+                            # FIN_WAIT2): no tracepoint follows it, so the
+                            # tracer cannot watch the ones it starts either
+                            continue
+                        (la, lp), (ra, rp) = (_proc_endpoint(parts[1]),
+                                              _proc_endpoint(parts[2]))
+                        found[(namespace, family, la, lp, ra, rp)] = (state, int(parts[9]))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _proc_endpoint(text):
+    address, _, port = text.partition(":")
+    words = [int(address[i:i + 8], 16) for i in range(0, len(address), 8)]
+    raw = struct.pack("=%dI" % len(words), *words)
+    return raw.ljust(16, b"\0"), int(port, 16)
+
+
+def socket_owners(inodes, proc="/proc"):
+    """{inode: pid} for the socket inodes among `inodes` that one process
+    (thread group) holds: a socket held by several processes (inherited
+    over fork, or passed) has no single owner, and is left out: unknown,
+    not a guess."""
+    holders = {}
+    wanted = set(inodes)
+    if not wanted:
+        return {}
+    try:
+        pids = [name for name in os.listdir(proc) if name.isdigit()]
+    except OSError:
+        return {}
+    for pid in pids:
+        base = "%s/%s/fd" % (proc, pid)
+        try:
+            fds = os.listdir(base)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink("%s/%s" % (base, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in wanted:
+                    holders.setdefault(inode, set()).add(int(pid))
+    return {inode: pids.pop() for inode, pids in holders.items() if len(pids) == 1}
+
+
+class StuckWatch:
+    """--stuck: reads the program's sockets map (what the kernel already
+    keeps of every live socket: its state, since when, its owner and
+    addresses) at most once a second, and reports each socket that has been
+    in a watched state for at least the threshold, once per socket and
+    state. Nothing is added to the per-event path.
+
+    Sockets that predate the tracer are not in the map until they move:
+    they are read from /proc/PID/net/tcp{,6} at start, and those still in
+    the same state (same inode) once the threshold has passed since then
+    are reported with that time as their age, marked as a lower bound
+    (AGE_AT_LEAST), their owner found through /proc/PID/fd.
+
+    Bounded: the map holds at most MAX_SOCKETS sockets (131072; LRU: on a
+    host with more, the least recently changed are evicted, and a stuck
+    socket is the least recently changed of all); `evicted` is a lower
+    bound of the entries the map lost that way, from the program's counts
+    of entries made and deleted. `reported` holds one entry per socket
+    reported and still stuck, at most the map's size."""
+
+    def __init__(self, args, program, procs, proc="/proc"):
+        self.args = args
+        self.program = program
+        self.procs = procs
+        self.proc = proc
+        self.threshold_ns = int(args.stuck * 1e9)
+        self.states = frozenset(args.stuck_states or STUCK_STATES)
+        self.interval_ns = max(1, min(STUCK_CHECK_NS, self.threshold_ns // 2))
+        self.cap = args.max_sockets or DEFAULT_MAX_SOCKETS
+        self.next_ns = 0
+        self.reported = {}      # skaddr -> since, of the state reported
+        self.count = 0
+        self.evicted = 0
+        self.early = None       # sockets that predate the tracer
+        self.early_ns = None
+
+    def start(self):
+        """Read the sockets that predate the tracer (call after attach)."""
+        self.early = proc_net_sockets(self.proc, self.states)
+        self.early_ns = time.monotonic_ns()
+
+    def _in_view(self, family, lport, rport, opid):
+        a = self.args
+        if a.ipv4 and family != socket.AF_INET or a.ipv6 and family != socket.AF_INET6:
+            return False
+        if a.localport and lport not in a.localport:
+            return False
+        if a.remoteport and rport not in a.remoteport:
+            return False
+        return not a.pid or opid == a.pid
+
+    def check(self, now_ns):
+        """The stuck reports due at now_ns (CLOCK_MONOTONIC), as events."""
+        if now_ns < self.next_ns:
+            return []
+        self.next_ns = now_ns + self.interval_ns
+        program = self.program
+        tracked = program.percpu_sum("counters", COUNT_TRACKED)
+        reports, reported, entries = [], {}, 0
+        tuples = set()
+        threshold, states, done = self.threshold_ns, self.states, self.reported
+        unpack_key, unpack = _U64.unpack, SOCK_INFO_STRUCT.unpack
+        for key, value in program.iterate("sockets", 8, SOCK_INFO_STRUCT.size):
+            entries += 1
+            since, osince, opid, oflags, state, ocomm, family, lport, rport, _pad, \
+                laddr, raddr = unpack(value)
+            if self.early:
+                tuples.add((family, laddr, lport, raddr, rport))
+                tuples.add((family, laddr, None, raddr, rport))
+            if state not in states or since > now_ns or now_ns - since < threshold:
+                continue
+            sk = unpack_key(key)[0]
+            reported[sk] = since
+            if done.get(sk) == since:
+                continue
+            ev = Event(now_ns, sk, (now_ns - since) // 1000, 0, opid, lport, rport, family,
+                       state, state, SPAN_KNOWN | STUCK_REPORT | oflags, laddr, raddr,
+                       STUCK_COMM, ocomm, osince)
+            owner = self.procs.owner(ev) if oflags & OWNER_KNOWN else None
+            if not self._in_view(family, lport, rport, owner[0] if owner else 0):
+                continue
+            reports.append(ev._replace(pid=owner[0] if owner else 0))
+        self.reported = reported
+        forgotten = program.percpu_sum("counters", COUNT_FORGOTTEN)
+        # A lower bound: see the class docstring.
+        self.evicted = max(self.evicted, tracked - forgotten - entries)
+        reports.sort(key=lambda ev: (-ev.span_us, ev.skaddr))
+        if self.early is not None and now_ns - self.early_ns >= threshold:
+            reports.extend(self._early_reports(now_ns, tuples))
+        self.count += len(reports)
+        return reports
+
+    def _early_reports(self, now_ns, tuples):
+        """The sockets that predate the tracer and are still in the state
+        they were in at start; each only this once (if one moves later, the
+        program tracks it from that move on)."""
+        early, self.early = self.early, None
+        still = proc_net_sockets(self.proc, self.states)
+        stuck = {k: v for k, v in early.items() if still.get(k) == v and
+                 (k[1], k[2], k[3], k[4], k[5]) not in tuples and
+                 (k[1], k[2], None, k[4], k[5]) not in tuples}
+        owners = socket_owners([inode for _state, inode in stuck.values()], self.proc)
+        reports = []
+        age_us = (now_ns - self.early_ns) // 1000
+        for (_ns, family, laddr, lport, raddr, rport), (state, inode) in sorted(
+                stuck.items(), key=lambda item: item[1][1]):
+            pid = owners.get(inode, 0)
+            if not self._in_view(family, lport, rport, pid):
+                continue
+            flags = SPAN_KNOWN | STUCK_REPORT | AGE_AT_LEAST
+            ocomm = b""
+            if pid:
+                flags |= OWNER_KNOWN
+                try:
+                    with open("%s/%d/comm" % (self.proc, pid), "rb") as f:
+                        ocomm = f.read().rstrip(b"\n")[:15]
+                except OSError:
+                    pass
+            reports.append(Event(now_ns, 0, age_us, pid, pid, lport, rport, family, state,
+                                 state, flags, laddr, raddr, STUCK_COMM + b">=",
+                                 ocomm.ljust(16, b"\0"), self.early_ns))
+        return reports
+
+    def summary(self):
+        text = "stuck: %d reported" % self.count
+        if self.evicted:
+            text += ("; at least %d sockets were evicted from the full socket map "
+                     "(%d entries), stuck ones first: they cannot be reported"
+                     % (self.evicted, self.cap))
+        return text
+
+
 class Tracer:
     """Compiles the program, fills its maps, attaches it, and moves events
     from the perf buffers to the output in kernel-timestamp order, keeping
@@ -2594,6 +2999,8 @@ class Tracer:
         self.report_ns = 0
         self.skipped_known = False
         self.program = None
+        self.stuck = None           # a StuckWatch, with --stuck (see load)
+        self.stuck_rows = StuckFormatter(self.formatter) if args.stuck else None
         self.filtered = bool(args.localport or args.remoteport or args.pid or args.ipv4
                              or args.ipv6 or args.from_states or args.to_states
                              or args.min_span is not None)
@@ -2635,6 +3042,9 @@ class Tracer:
             self.close()
             raise Fatal("loading or attaching the BPF program failed: %s"
                         % (str(exc).splitlines() or ["unknown error"])[0]) from None
+        if self.args.stuck:
+            self.stuck = StuckWatch(self.args, self.program, self.formatter.procs)
+            self.stuck.start()
 
     def _store_ring(self, cpu, fd):
         self.program.update("events", struct.pack("<i", cpu), struct.pack("<i", fd))
@@ -2686,6 +3096,8 @@ class Tracer:
             self.ledger.not_written += len(self.reorder.pending)
             self.reorder.pending.clear()
         self.report_lost(final=True)
+        if self.stuck is not None:
+            self.warn(self.stuck.summary())
 
     def _loop(self):
         poll = self.rings.poll
@@ -2706,6 +3118,8 @@ class Tracer:
             horizon = clock() - REORDER_MARGIN_NS
             self._consume()
             self._drain(horizon)
+            if self.stuck is not None:
+                self._report_stuck(horizon)
             self.report_lost()
 
     @property
@@ -2745,6 +3159,29 @@ class Tracer:
             for ev in ready:
                 send(ev)
         ledger.printed += len(ready)
+
+    def _report_stuck(self, now_ns):
+        """--stuck: the reports due, written like rows (and counted as
+        printed), sent to the journal with their own MESSAGE_ID."""
+        reports = self.stuck.check(now_ns)
+        if not reports:
+            return
+        ledger = self.ledger
+        if self.args.count is not None:
+            reports = reports[:self.args.count - ledger.printed]
+        self.formatter.procs.refresh()
+        if self.write_rows:
+            row = self.stuck_rows.row
+            try:
+                self.out.write_rows("".join([row(ev) for ev in reports]))
+            except WriteAborted as exc:
+                ledger.printed += exc.rows
+                ledger.not_written += len(reports) - exc.rows
+                raise
+        if self.journal is not None:
+            for ev in reports:
+                self.journal.stuck(ev)
+        ledger.printed += len(reports)
 
     def read_counters(self):
         """The kernel's counts: skipped (recursion_misses), and the per-CPU
@@ -2829,6 +3266,7 @@ EXAMPLES = """examples:
     tcpstates --from SYN_SENT --to CLOSE    # failed connects
     tcpstates --min-span 1000               # states that lasted 1 s or more
     tcpstates -j --duration 60 --count 1000 # bounded run
+    tcpstates --stuck 60 -x                 # also sockets stuck 60 s (owner shown)
 
 At exit one line goes to stderr: "summary: N printed, N lost, N skipped by
 the kernel, N gaps, N not written, N late" (LOSS ACCOUNTING in tcpstates(8)
@@ -2893,6 +3331,10 @@ def milliseconds(text):
 
 def seconds(text):
     return _positive_number(text, "duration")
+
+
+def stuck_seconds(text):
+    return _positive_number(text, "age")
 
 
 def event_count(text):
@@ -3016,6 +3458,12 @@ def build_parser():
                         help="trace IPv4 only")
     family.add_argument("-6", "--ipv6", action="store_true",
                         help="trace IPv6 only")
+    parser.add_argument("--stuck", type=stuck_seconds, metavar="SECONDS",
+                        help="also report each socket that stays SECONDS in SYN_SENT, "
+                             "SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK or "
+                             "CLOSING, once per socket and state (C-COMM STUCK)")
+    parser.add_argument("--stuck-states", type=state_list, metavar="STATES",
+                        help="the states --stuck watches instead")
     parser.add_argument("--no-cache", action="store_true",
                         help="compile the BPF program; neither read nor write the cache")
     parser.add_argument("--metrics", type=metrics_address, metavar="[ADDR:]PORT",
@@ -3050,6 +3498,8 @@ def parse_args(argv):
         parser.error("argument -j/--json: not allowed with argument -s/--csv")
     if args.metrics_by and not (args.metrics or args.metrics_file):
         parser.error("argument --metrics-by: needs --metrics or --metrics-file")
+    if args.stuck_states and not args.stuck:
+        parser.error("argument --stuck-states: only with --stuck")
     return args
 
 
