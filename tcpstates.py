@@ -1369,6 +1369,7 @@ class Metrics:
         self.lost = dict.fromkeys(LOSS_CAUSES, 0)   # cause -> count: see set_lost
         self.label_sets = set()
         self.overflowed = False
+        self.stuck = None           # state -> count, with --stuck (see set_stuck)
         if not self.by:
             # Known before any event: present (at 0) from the first scrape,
             # so that rate() and increase() see the first failure.
@@ -1467,6 +1468,12 @@ class Metrics:
             capped.setdefault(key, []).extend(group)
         return list(capped.items())
 
+    def set_stuck(self, counts):
+        """--stuck: the sockets in view stuck now, {state: count}, as the
+        last check of the sockets map found them."""
+        with self.lock:
+            self.stuck = dict(counts)
+
     def set_lost(self, **causes):
         """The loss ledger's running totals (cause=count; None where the
         count is not known on this kernel, which leaves that series out)."""
@@ -1481,9 +1488,11 @@ class Metrics:
     def families(self):
         """The metric families, as the client library's objects (which it
         imports). Also a Prometheus "custom collector": see collect()."""
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
         with self.lock:
             self._fold()
+            stuck = None if self.stuck is None else dict(self.stuck)
             events = self.events
             transitions = dict(self.transitions)
             durations = {key: list(entry) for key, entry in self.durations.items()}
@@ -1536,6 +1545,15 @@ class Metrics:
             if cause in lost:
                 family.add_metric([cause], lost[cause])
         yield family
+        if stuck is not None:
+            family = GaugeMetricFamily(
+                "tcpstates_stuck_sockets",
+                "Sockets in a state for at least --stuck seconds now, by state "
+                "(the states --stuck watches, 0 included).",
+                labels=["state"])
+            for state in sorted(stuck):
+                family.add_metric([state_name(state)], stuck[state])
+            yield family
 
     def collect(self):
         return self.families()
@@ -2868,6 +2886,8 @@ class StuckWatch:
         self.cap = args.max_sockets or DEFAULT_MAX_SOCKETS
         self.next_ns = 0
         self.reported = {}      # skaddr -> since, of the state reported
+        self.visible = set()    # those of them in view (reported)
+        self.stuck_now = {}     # state -> sockets in view stuck in it now
         self.count = 0
         self.evicted = 0
         self.early = None       # sockets that predate the tracer
@@ -2896,6 +2916,7 @@ class StuckWatch:
         program = self.program
         tracked = program.percpu_sum("counters", COUNT_TRACKED)
         reports, reported, entries = [], {}, 0
+        visible, stuck_now = set(), collections.Counter()
         tuples = set()
         threshold, states, done = self.threshold_ns, self.states, self.reported
         unpack_key, unpack = _U64.unpack, SOCK_INFO_STRUCT.unpack
@@ -2911,6 +2932,9 @@ class StuckWatch:
             sk = unpack_key(key)[0]
             reported[sk] = since
             if done.get(sk) == since:
+                if sk in self.visible:
+                    visible.add(sk)
+                    stuck_now[state] += 1
                 continue
             ev = Event(now_ns, sk, (now_ns - since) // 1000, 0, opid, lport, rport, family,
                        state, state, SPAN_KNOWN | STUCK_REPORT | oflags, laddr, raddr,
@@ -2919,7 +2943,10 @@ class StuckWatch:
             if not self._in_view(family, lport, rport, owner[0] if owner else 0):
                 continue
             reports.append(ev._replace(pid=owner[0] if owner else 0))
+            visible.add(sk)
+            stuck_now[state] += 1
         self.reported = reported
+        self.visible, self.stuck_now = visible, dict(stuck_now)
         forgotten = program.percpu_sum("counters", COUNT_FORGOTTEN)
         # A lower bound: see the class docstring.
         self.evicted = max(self.evicted, tracked - forgotten - entries)
@@ -3164,6 +3191,9 @@ class Tracer:
         """--stuck: the reports due, written like rows (and counted as
         printed), sent to the journal with their own MESSAGE_ID."""
         reports = self.stuck.check(now_ns)
+        if self.metrics is not None:
+            now = self.stuck.stuck_now
+            self.metrics.set_stuck({state: now.get(state, 0) for state in self.stuck.states})
         if not reports:
             return
         ledger = self.ledger
