@@ -25,7 +25,10 @@ Where things are, top to bottom (each section under a banner):
   3. Text helpers  state names, safe_text, addresses, process names, Clock,
                    ProcessCache (what /proc says of an owner).
   4. Output        Formatter (table, wide, CSV, JSON rows from COLUMNS),
-                   journal records and JournalWriter.
+                   journal records and JournalWriter; then, bannered, the
+                   metrics for Prometheus: Metrics (counted per batch from
+                   Tracer._drain, loss from Tracer.read_counters) and
+                   MetricsExporter (--metrics HTTP, --metrics-file).
   5. Kernel        checks before compiling, probe_kernel, bpf_cflags (pure),
                    existing listeners, perf rings (PerfRings, BccRings).
   6. Runtime       StopRequest, Sink (writes that never hang), Reorderer,
@@ -37,7 +40,10 @@ Formatter._fast_row (and in tests/oracle.py). A kernel filter: a -D define
 in bpf_cflags, its test in the C program's in_view() or probe, an option in
 build_parser. A loss counter: an index in the C program's counters array,
 its reading in Tracer.read_counters, a field in Ledger, its word in
-Tracer.summary and in the man page's LOSS ACCOUNTING.
+Tracer.summary and in the man page's LOSS ACCOUNTING (and a cause in
+LOSS_CAUSES, set in Tracer.read_counters). A metric: its count in
+Metrics._fold, its family in Metrics.families, an entry in the man page's
+METRICS.
 """
 
 import argparse
@@ -1454,8 +1460,9 @@ LOSS_CAUSES = ("perf_buffer", "kernel_skip", "gap", "not_written", "journal")
 CONNECT_RESULTS = ("established", "failed")
 _TCP_ESTABLISHED, _TCP_SYN_SENT, _TCP_CLOSE = 1, 2, 7
 # Metrics.add keeps one int per event, folded into the counts in bulk (at
-# a scrape, a file write, or when this many are waiting).
-METRICS_FOLD_AT = 50_000
+# a scrape, a file write, or when this many are waiting: the sort costs
+# least per event at a few thousand, which stay in the CPU's caches).
+METRICS_FOLD_AT = 4096
 _SPAN_BITS = 48         # a span is below 2**48 us (8.9 years): spans are
 _SPAN_MASK = (1 << _SPAN_BITS) - 1      # bounded by the uptime
 
@@ -1504,9 +1511,9 @@ class Metrics:
     add() does the least it can per event: it makes one int of each event,
     oldstate, newstate, whether the span is known, and the span, packed so
     that ints sort by (oldstate, newstate, known, span), and keeps them.
-    fold() sorts what was kept and finds every count by bisection, so that
-    its cost per event is one sort, however small the batches were (they
-    are tens of events at a few thousand a second).
+    _fold() sorts a few thousand of them at a time and finds every count by
+    bisection, so that its cost per event is a share of one sort however
+    small the batches were (tens of events at a few thousand a second).
 
     With `by` ("lport", "comm" or both) the counts are kept per set of
     those label values. The sets are capped at `limit`: events of later
@@ -1530,6 +1537,7 @@ class Metrics:
         self.lost = dict.fromkeys(LOSS_CAUSES, 0)   # cause -> count: see set_lost
         self.label_sets = set()
         self.overflowed = False
+        self.stuck = None           # state -> count, with --stuck (see set_stuck)
         if not self.by:
             # Known before any event: present (at 0) from the first scrape,
             # so that rate() and increase() see the first failure.
@@ -1545,16 +1553,16 @@ class Metrics:
         if not events:
             return
         groups = self._grouped(events) if self.by else (((), events),)
-        for labels, batch in groups:
-            packed = [((ev[8] << 16 | ev[9]) << 1 | ev[10] & SPAN_KNOWN) << _SPAN_BITS | ev[2]
-                      for ev in batch]
-            with self.lock:
+        packed = [(labels, [((ev[8] << 16 | ev[9]) << 1 | ev[10] & SPAN_KNOWN) << _SPAN_BITS
+                            | ev[2] for ev in batch])
+                  for labels, batch in groups]
+        with self.lock:
+            for labels, keys in packed:
                 kept = self.pending.get(labels)
                 if kept is None:
-                    self.pending[labels] = packed
+                    self.pending[labels] = keys
                 else:
-                    kept.extend(packed)
-        with self.lock:
+                    kept.extend(keys)
             self.events += len(events)
             self.npending += len(events)
             if self.npending >= METRICS_FOLD_AT:
@@ -1628,6 +1636,12 @@ class Metrics:
             capped.setdefault(key, []).extend(group)
         return list(capped.items())
 
+    def set_stuck(self, counts):
+        """--stuck: the sockets in view stuck now, {state: count}, as the
+        last check of the sockets map found them."""
+        with self.lock:
+            self.stuck = dict(counts)
+
     def set_lost(self, **causes):
         """The loss ledger's running totals (cause=count; None where the
         count is not known on this kernel, which leaves that series out)."""
@@ -1642,9 +1656,11 @@ class Metrics:
     def families(self):
         """The metric families, as the client library's objects (which it
         imports). Also a Prometheus "custom collector": see collect()."""
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
         with self.lock:
             self._fold()
+            stuck = None if self.stuck is None else dict(self.stuck)
             events = self.events
             transitions = dict(self.transitions)
             durations = {key: list(entry) for key, entry in self.durations.items()}
@@ -1697,6 +1713,15 @@ class Metrics:
             if cause in lost:
                 family.add_metric([cause], lost[cause])
         yield family
+        if stuck is not None:
+            family = GaugeMetricFamily(
+                "tcpstates_stuck_sockets",
+                "Sockets in a state for at least --stuck seconds now, by state "
+                "(the states --stuck watches, 0 included).",
+                labels=["state"])
+            for state in sorted(stuck):
+                family.add_metric([state_name(state)], stuck[state])
+            yield family
 
     def collect(self):
         return self.families()
@@ -3029,6 +3054,8 @@ class StuckWatch:
         self.cap = args.max_sockets or DEFAULT_MAX_SOCKETS
         self.next_ns = 0
         self.reported = {}      # skaddr -> since, of the state reported
+        self.visible = set()    # those of them in view (reported)
+        self.stuck_now = {}     # state -> sockets in view stuck in it now
         self.count = 0
         self.evicted = 0
         self.early = None       # sockets that predate the tracer
@@ -3057,6 +3084,7 @@ class StuckWatch:
         program = self.program
         tracked = program.percpu_sum("counters", COUNT_TRACKED)
         reports, reported, entries = [], {}, 0
+        visible, stuck_now = set(), collections.Counter()
         tuples = set()
         threshold, states, done = self.threshold_ns, self.states, self.reported
         unpack_key, unpack = _U64.unpack, SOCK_INFO_STRUCT.unpack
@@ -3072,6 +3100,9 @@ class StuckWatch:
             sk = unpack_key(key)[0]
             reported[sk] = since
             if done.get(sk) == since:
+                if sk in self.visible:
+                    visible.add(sk)
+                    stuck_now[state] += 1
                 continue
             ev = Event(now_ns, sk, (now_ns - since) // 1000, 0, opid, lport, rport, family,
                        state, state, SPAN_KNOWN | STUCK_REPORT | oflags, laddr, raddr,
@@ -3080,7 +3111,10 @@ class StuckWatch:
             if not self._in_view(family, lport, rport, owner[0] if owner else 0):
                 continue
             reports.append(ev._replace(pid=owner[0] if owner else 0))
+            visible.add(sk)
+            stuck_now[state] += 1
         self.reported = reported
+        self.visible, self.stuck_now = visible, dict(stuck_now)
         forgotten = program.percpu_sum("counters", COUNT_FORGOTTEN)
         # A lower bound: see the class docstring.
         self.evicted = max(self.evicted, tracked - forgotten - entries)
@@ -3455,6 +3489,9 @@ class Tracer:
         """--stuck: the reports due, written like rows (and counted as
         printed), sent to the journal with their own MESSAGE_ID."""
         reports = self.stuck.check(now_ns)
+        if self.metrics is not None:
+            now = self.stuck.stuck_now
+            self.metrics.set_stuck({state: now.get(state, 0) for state in self.stuck.states})
         if not reports:
             return
         ledger = self.ledger

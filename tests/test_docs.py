@@ -165,6 +165,7 @@ def test_man_metrics_lists_every_metric_its_labels_and_values():
         documented[name.strip()] = {l.strip() for l in labels.rstrip("}").split(",") if l}
     metrics = tcpstates.Metrics()
     metrics.add([make_event(oldstate=2, newstate=1)])
+    metrics.set_stuck({8: 0})           # as with --stuck
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
     exported = {}

@@ -172,6 +172,20 @@ def test_loss_ledger_and_an_unknown_count():
     assert value(found, "tcpstates_events_lost_total", cause="kernel_skip") is None
 
 
+def test_stuck_gauge_only_with_stuck():
+    metrics = tcpstates.Metrics()
+    assert "tcpstates_stuck_sockets" not in exposition(metrics)
+    metrics.set_stuck({8: 2, 2: 0})
+    text = exposition(metrics)
+    assert "# TYPE tcpstates_stuck_sockets gauge" in text
+    found = samples(text)
+    assert value(found, "tcpstates_stuck_sockets", state="CLOSE_WAIT") == 2
+    assert value(found, "tcpstates_stuck_sockets", state="SYN_SENT") == 0
+    metrics.set_stuck({8: 0, 2: 0})         # a gauge: it goes down again
+    assert value(samples(exposition(metrics)), "tcpstates_stuck_sockets",
+                 state="CLOSE_WAIT") == 0
+
+
 def test_label_sets_are_capped_with_one_warning():
     warnings = []
     metrics = tcpstates.Metrics(by=("lport",), limit=3, warn=warnings.append)
@@ -214,6 +228,7 @@ def test_promtool_accepts_the_exposition(by):
                  for o, n, s, f in [(2, 1, 70, 3), (2, 7, 40, 3), (1, 4, 300_000, 3),
                                     (7, 2, 0, 2), (8, 9, 10**9, 3)]])
     metrics.set_lost(perf_buffer=1, kernel_skip=2, gap=0, not_written=0, journal=0)
+    metrics.set_stuck({8: 1, 2: 0})
     proc = subprocess.run(["promtool", "check", "metrics"], input=exposition(metrics),
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
@@ -666,3 +681,32 @@ def test_quiet_metrics_only_by_lport_and_comm_and_a_prompt_stop(tmp_path):
     assert value(found, "tcpstates_events_total") == printed
     assert value(found, "tcpstates_connections_total", lport="ephemeral", comm="python3",
                  result="failed") >= 1
+
+
+@pytest.mark.live
+def test_stuck_gauge_counts_a_close_wait_leak_and_its_end():
+    client()
+    port, metrics_port = free_port(), free_port()
+    url = "http://127.0.0.1:%d/metrics" % metrics_port
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(4)
+    acc = cli = None
+    try:
+        with helpers.TracerRun("-s", "-L", str(port), "--stuck", "1",
+                               "--metrics", str(metrics_port)) as tracer:
+            def gauge(state):
+                return value(samples(scrape(url)), "tcpstates_stuck_sockets", state=state)
+            cli = socket.create_connection(("127.0.0.1", port), timeout=5)
+            acc, _ = srv.accept()
+            cli.close()                             # acc: CLOSE_WAIT, never closed...
+            assert helpers.wait_for(lambda: gauge("CLOSE_WAIT") == 1, 10, 0.2)
+            assert gauge("SYN_SENT") == 0 and gauge("FIN_WAIT2") == 0   # watched, none
+            assert gauge("ESTABLISHED") is None                         # not watched
+            acc.close()                             # ...until now
+            assert helpers.wait_for(lambda: gauge("CLOSE_WAIT") == 0, 10, 0.2)
+            assert tracer.stop() == 0
+    finally:
+        for s in (acc, cli, srv):
+            if s is not None:
+                s.close()
