@@ -86,7 +86,8 @@ class FakeProcs(tcpstates.ProcessCache):
 
 
 def formatter(*argv, clock=None, procs=None):
-    return tcpstates.Formatter(args_for(*argv), clock=clock, procs=procs or FakeProcs())
+    return tcpstates.Formatter(args_for(*argv), clock=clock, procs=procs or FakeProcs(),
+                               reasons=tcpstates.Reasons(RESET_NAMES))
 
 
 # -- unit: the reference renderers -----------------------------------------
@@ -113,9 +114,27 @@ def reference_fields(f, ev):
         "OLDSTATE": tcpstates.state_name(ev.oldstate), "->": "->",
         "NEWSTATE": tcpstates.state_name(ev.newstate), "MS": "%.3f" % (ev.span_us / 1000),
     }
+    if a.extended or a.reasons:
+        values["REASON"] = reason_text(ev)
     if a.extended:
         values.update(zip(tcpstates.OWNER_TITLES, owner_texts(f, ev)))
     return [(title, values[title]) for title, conv in f.columns if conv is not None]
+
+
+RESET_NAMES = {0: "NOT_SPECIFIED", 1: "NO_SOCKET", 8: "TCP_ABORT_ON_DATA",
+               11: "TCP_ABORT_ON_CLOSE", 12: "TCP_ABORT_ON_LINGER", 14: "TCP_STATE",
+               15: "TCP_KEEPALIVE_TIMEOUT", 16: "TCP_DISCONNECT_WITH_DATA"}
+
+
+def reason_of(ev, names=RESET_NAMES):
+    """The reason the plain (uncached) way."""
+    ev = tcpstates.as_event(ev)
+    return tcpstates.decide_reason(ev.oldstate, ev.newstate, ev.rflags, ev.rst_reason,
+                                   ev.error, ev.retries, names)
+
+
+def reason_text(ev):
+    return reason_of(ev).text
 
 
 def defuse(text):
@@ -159,6 +178,10 @@ def json_record(f, ev):
         "owner_comm": owner[1] if owner else None,
         "owner_from": owner[2] if owner else None,
         "owner_cgroup": owner[3] if owner else None,
+        "reason": reason_of(ev).word,
+        "errno": reason_of(ev).errno,
+        "retries": reason_of(ev).retries,
+        "reset_reason": reason_of(ev).reset,
     }
 
 

@@ -54,19 +54,23 @@ def test_state_names_cover_every_kernel_state():
 
 # -- decoding ----------------------------------------------------------------
 def test_event_struct_matches_the_c_layout():
-    # u64 x3, u32 x2, u16 x6, u8[16] x2, char[16] x2, u32 pad, u64
-    assert tcpstates.EVENT_STRUCT.size == 120
+    # u64 x3, u32 x2, u16 x6, u8[16] x2, char[16] x2, u32 pad, u64, u16 x4
+    assert tcpstates.EVENT_STRUCT.size == 128
     c_fields = re.search(r"struct event \{(.*?)\};", tcpstates.BPF_PROGRAM, re.S).group(1)
     names = re.findall(r"^\s*\w+ (\w+)(?:\[\d+\])?;", c_fields, re.M)
     assert [n for n in names if n != "pad"] == list(tcpstates.Event._fields)
-    raw = struct.pack("<QQQIIHHHHHH16s16s16s16sIQ", 1, 2, 3, 4, 11, 5, 6, 10, 7, 2, 1,
-                      b"a" * 16, b"b" * 16, b"comm", b"owner", 0, 99)
+    raw = struct.pack("<QQQIIHHHHHH16s16s16s16sIQHHHH", 1, 2, 3, 4, 11, 5, 6, 10, 7, 2, 1,
+                      b"a" * 16, b"b" * 16, b"comm", b"owner", 0, 99, 12, 13, 14, 15)
     ev = tcpstates.Event._make(tcpstates.EVENT_STRUCT.unpack_from(raw))
     assert (ev.ts_ns, ev.skaddr, ev.span_us, ev.pid, ev.opid, ev.lport, ev.rport) == (
         1, 2, 3, 4, 11, 5, 6)
     assert (ev.family, ev.oldstate, ev.newstate, ev.flags) == (10, 7, 2, 1)
     assert ev.comm.rstrip(b"\0") == b"comm" and ev.ocomm.rstrip(b"\0") == b"owner"
     assert ev.osince == 99
+    assert (ev.rflags, ev.rst_reason, ev.error, ev.retries) == (12, 13, 14, 15)
+    # the readers find amendments by the low byte of flags at this offset
+    sample = bytes(12) + raw
+    assert sample[tcpstates.FLAGS_IN_SAMPLE] == 1
 
 
 # -- formatting --------------------------------------------------------------
@@ -252,9 +256,22 @@ def test_missing_privileges_message(monkeypatch):
 # -- owner -------------------------------------------------------------------
 def test_extended_columns_follow_ms():
     f = formatter("-x", procs=FakeProcs(name="nginx", cgroup="/system.slice/nginx.service"))
-    assert f.header().split()[-5:] == ["MS", "O-PID", "O-COMM", "O-FROM", "CGROUP"]
+    assert f.header().split()[-6:] == ["MS", "REASON", "O-PID", "O-COMM", "O-FROM", "CGROUP"]
     fields = f.row(make_event(opid=777, ocomm=b"nginx-worker".ljust(16, b"\0"))).split()
-    assert fields[-5:] == ["300.206", "777", "nginx", "self", "/system.slice/nginx.service"]
+    assert fields[-6:] == ["300.206", "-", "777", "nginx", "self",
+                           "/system.slice/nginx.service"]
+    fields = f.row(make_event(oldstate=2, newstate=7, rflags=tcpstates.R_RST_RECEIVED)).split()
+    assert fields[-5] == "refused"
+
+
+def test_reason_column_alone_with_the_reason_filter():
+    f = formatter("--reason", "timeout")
+    assert f.header().split()[-2:] == ["MS", "REASON"]
+    ev = make_event(oldstate=2, newstate=7, rflags=tcpstates.R_ERRNO | tcpstates.R_RETRIES,
+                    error=110, retries=2)
+    assert f.row(ev).split()[-2:] == ["300.206", "timeout:2-retries"]
+    # the REASON column lines up with its title
+    assert f.header().index("REASON") == f.row(ev).index("timeout")
 
 
 def test_unknown_owner_prints_a_dash():
@@ -266,8 +283,8 @@ def test_unknown_owner_prints_a_dash():
 
 def test_extended_csv_header():
     f = formatter("-s", "-x")
-    assert f.header().rstrip("\n").split(",")[-5:] == ["MS", "O-PID", "O-COMM", "O-FROM",
-                                                        "CGROUP"]
+    assert f.header().rstrip("\n").split(",")[-6:] == ["MS", "REASON", "O-PID", "O-COMM",
+                                                        "O-FROM", "CGROUP"]
 
 
 INHERITED = tcpstates.SPAN_KNOWN | tcpstates.OWNER_KNOWN | tcpstates.OWNER_INHERITED
@@ -419,20 +436,24 @@ def test_recursion_misses_from_prog_info():
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 EVENTS = st.builds(
-    lambda fam, a, b, comm, ocomm, ts, span, flags, old, new, pid, opid, lp, rp, sk:
+    lambda fam, a, b, comm, ocomm, ts, span, flags, old, new, pid, opid, lp, rp, sk, why:
         (ts, sk, span, pid, opid, lp, rp, fam,
          old, new, flags,
          a if fam == socket.AF_INET6 else a[:4] + b"\0" * 12,
          b if fam == socket.AF_INET6 else b[:4] + b"\0" * 12,
-         comm, ocomm, ts - span),
+         comm, ocomm, ts - span) + why,
     st.sampled_from([socket.AF_INET, socket.AF_INET6]),
     st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
     st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
     st.integers(2 ** 41, 2 ** 50), st.integers(0, 2 ** 40), st.integers(0, 7),
-    st.integers(0, 20), st.integers(0, 20), st.integers(0, 2 ** 22), st.integers(1, 2 ** 22),
-    st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2 ** 64 - 1))
+    st.integers(0, 20), st.one_of(st.just(7), st.integers(0, 20)),
+    st.integers(0, 2 ** 22), st.integers(1, 2 ** 22),
+    st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2 ** 64 - 1),
+    # rflags, rst_reason, error, retries: what the kernel said of an end
+    st.tuples(st.integers(0, 31), st.sampled_from([0, 1, 8, 11, 12, 14, 15, 16, 99]),
+              st.sampled_from([0, 32, 101, 103, 104, 110, 111, 113]), st.integers(0, 65535)))
 MODES = [[], ["-w"], ["-T", "-t"], ["-x"], ["-w", "-x", "-T"], ["-s"], ["-s", "-T", "-t"],
-         ["-s", "-x"], ["-j"]]
+         ["-s", "-x"], ["-j"], ["--reason", "closed,timeout"], ["-s", "--reason", "refused"]]
 
 
 @settings(max_examples=150, deadline=None)
