@@ -112,7 +112,7 @@ COLUMNS = (
     ("->", "%s", "%s", None),
     ("NEWSTATE", "%-11s", "%-11s", "%s"),
     ("MS", "%.3f", "%.3f", "%.3f"),
-    ("REASON", "%-15s", "%-15s", "%s"),
+    ("REASON", "%-20s", "%-20s", "%s"),
     ("O-PID", "%-7s", "%-7s", "%s"),
     ("O-COMM", "%-16.16s", "%-16.16s", "%s"),
     ("O-FROM", "%-8s", "%-8s", "%s"),
@@ -1365,8 +1365,11 @@ class Formatter:
                 continue
             if title in OWNER_TITLES and not self.args.extended:
                 continue
-            if title == REASON_TITLE and not self.show_reason:
-                continue
+            if title == REASON_TITLE:
+                if not self.show_reason:
+                    continue
+                if not self.args.extended and conv:
+                    conv = "%s"         # the last column: no trailing blanks
             if title == "MS" and (self.args.extended or self.show_reason) \
                     and self.mode != "csv":
                 conv = EXTENDED_MS
