@@ -54,6 +54,7 @@ import ctypes
 import json
 import operator
 import os
+import re
 import select
 import signal
 import socket
@@ -100,8 +101,9 @@ STATE_ALIASES = {
 # the table, in the wide table (-w), in CSV); None where the mode does not
 # show the column. A conversion formats the row's value; the header is the
 # same conversion with the type made "s" (the width kept), so the two cannot
-# drift. TIME and TIME(s) come first with -T and -t; the owner columns last
-# with -x (and MS then gets a width, so that they line up).
+# drift. TIME and TIME(s) come first with -T and -t; REASON and the owner
+# columns last with -x (REASON also with --reason; MS then gets a width, so
+# that they line up).
 COLUMNS = (
     ("TIME", "%-8s", "%-8s", "%s"),
     ("TIME(s)", "%-9.6f", "%-9.6f", "%.6f"),
@@ -117,6 +119,7 @@ COLUMNS = (
     ("->", "%s", "%s", None),
     ("NEWSTATE", "%-11s", "%-11s", "%s"),
     ("MS", "%.3f", "%.3f", "%.3f"),
+    ("REASON", "%-20s", "%-20s", "%s"),
     ("O-PID", "%-7s", "%-7s", "%s"),
     ("O-COMM", "%-16.16s", "%-16.16s", "%s"),
     ("O-FROM", "%-8s", "%-8s", "%s"),
@@ -124,6 +127,7 @@ COLUMNS = (
 )
 TIME_TITLES = ("TIME", "TIME(s)")
 OWNER_TITLES = ("O-PID", "O-COMM", "O-FROM", "CGROUP")
+REASON_TITLE = "REASON"
 EXTENDED_MS = "%-10.3f"
 UNKNOWN = "-"
 
@@ -145,21 +149,63 @@ JSON_LINE = (
     '{"time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%d,'
     '"laddr":"%s","lport":%d,"raddr":"%s","rport":%d,'
     '"oldstate":"%s","newstate":"%s","span_us":%s,"pid":%d,"comm":%s,'
-    '"owner_pid":%s,"owner_comm":%s,"owner_from":%s,"owner_cgroup":%s}\n')
+    '"owner_pid":%s,"owner_comm":%s,"owner_from":%s,"owner_cgroup":%s,'
+    '"reason":%s,"errno":%s,"retries":%s,"reset_reason":%s}\n')
 
 # struct event, as the BPF program below lays it out (little-endian, no
 # implicit padding).
-EVENT_STRUCT = struct.Struct("<QQQIIHHHHHH16s16s16s16s4xQ")
+EVENT_STRUCT = struct.Struct("<QQQIIHHHHHH16s16s16s16s4xQHHHH")
 SPAN_KNOWN = 1          # event.flags, as in the C program
 OWNER_KNOWN = 2
 OWNER_INHERITED = 4
+AMEND = 8               # not an event: more facts for the CLOSE row it names
+R_RST_RECEIVED = 1      # event.rflags: what the kernel said of a socket's end
+R_RST_SENT = 2
+R_RST_REASON = 4        # rst_reason holds the kernel's reason for the reset
+R_ERRNO = 8             # error holds the errno the kernel reported
+R_RETRIES = 16          # retries holds the retransmissions in the state left
 Event = collections.namedtuple("Event", (
     "ts_ns", "skaddr", "span_us", "pid", "opid", "lport", "rport", "family",
-    "oldstate", "newstate", "flags", "laddr", "raddr", "comm", "ocomm", "osince"))
+    "oldstate", "newstate", "flags", "laddr", "raddr", "comm", "ocomm", "osince",
+    "rflags", "rst_reason", "error", "retries"), defaults=(0, 0, 0, 0))
+# Where event.flags sits in a perf sample record (its low byte): the readers
+# look there for amendments without decoding every record in Python.
+FLAGS_IN_SAMPLE = 12 + struct.calcsize("<QQQIIHHHHH")
+NOT_AMEND_BYTES = bytes(b for b in range(256) if not b & AMEND)
+
+# Why a connection ended (REASON, "reason", TCPSTATES_REASON): the words,
+# in the man page's order, and how the journal's MESSAGE says each.
+REASONS = {
+    "refused": "connection refused",
+    "reset-by-peer": "connection reset by peer",
+    "reset-sent": "reset sent",
+    "timeout": "timed out",
+    "unreachable": "unreachable",
+    "aborted": "aborted",
+    "closed": "closed",
+    "listener-closed": "listener closed",
+}
+# errno values (asm-generic/errno.h, the same on x86 and arm64) the reasons
+# are read from.
+ENETUNREACH, ECONNABORTED, ECONNRESET, ETIMEDOUT, ECONNREFUSED, EHOSTUNREACH = (
+    101, 103, 104, 110, 111, 113)
+# The kernel's reset reasons (enum sk_rst_reason, Linux 6.10+) that mean the
+# socket's own process threw the connection away with data unread, or that
+# keepalive probes went unanswered. Matched by name: the numbers differ
+# between kernels, and are read from the tracepoint's format file.
+ABORT_RESETS = ("TCP_ABORT_ON_CLOSE", "TCP_DISCONNECT_WITH_DATA")
+KEEPALIVE_RESET = "TCP_KEEPALIVE_TIMEOUT"
 
 # The kernel's hooks, and tunables.
 TRACEPOINT = "sock:inet_sock_set_state"
 DESTROY_TRACEPOINT = "tcp:tcp_destroy_sock"     # Linux 4.16; optional
+# The reasons' hooks, each optional (see REASON_HOOKS below for what each
+# one's absence costs).
+RESET_IN_TRACEPOINT = "tcp:tcp_receive_reset"
+RESET_OUT_TRACEPOINT = "tcp:tcp_send_reset"
+ERROR_TRACEPOINT = "sock:inet_sk_error_report"
+RETRANSMIT_TRACEPOINT = "tcp:tcp_retransmit_skb"
+SYNACK_TRACEPOINT = "tcp:tcp_retransmit_synack"
 COUNT_SUBMIT_FAILED, COUNT_GAP = 0, 1     # the program's counters array
 COUNT_TRACKED, COUNT_FORGOTTEN = 2, 3      # (entries of the sockets map)
 TRACEFS_CANDIDATES = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
@@ -253,7 +299,8 @@ class WriteAborted(Exception):
 # ---------------------------------------------------------------------------
 BPF_PROGRAM = r"""
 /*
- * tcpstates: one event per TCP state change, from sock:inet_sock_set_state.
+ * tcpstates: one event per TCP state change, from sock:inet_sock_set_state;
+ * with WITH_REASONS, also why a connection ended (see "Reasons" below).
  *
  * No kernel header is included: the few constants needed are spelled out
  * below, and BCC builds the tracepoint's argument struct (args->...) from
@@ -272,6 +319,7 @@ BPF_PROGRAM = r"""
 #define TCP_CLOSE_WAIT   8
 #define TCP_LAST_ACK     9
 #define TCP_LISTEN       10
+#define TCP_CLOSING      11
 
 #ifndef MAX_SOCKETS
 #define MAX_SOCKETS 131072
@@ -282,6 +330,14 @@ BPF_PROGRAM = r"""
 #define SPAN_KNOWN       1
 #define OWNER_KNOWN      2
 #define OWNER_INHERITED  4   /* an accepted socket, owner taken from its listener */
+#define AMEND            8   /* not an event: facts that came after a CLOSE row */
+
+/* event.rflags: what the kernel said about how a socket ended */
+#define R_RST_RECEIVED   1   /* tcp:tcp_receive_reset */
+#define R_RST_SENT       2   /* tcp:tcp_send_reset */
+#define R_RST_REASON     4   /* rst_reason holds the kernel's reason for it */
+#define R_ERRNO          8   /* error holds sock:inet_sk_error_report's errno */
+#define R_RETRIES        16  /* retries holds the retransmissions in the state left */
 
 /* One layout for IPv4 and IPv6 (IPv4 uses the first 4 bytes of each
  * address). Every byte is named, so no padding reaches user space unset. */
@@ -303,6 +359,10 @@ struct event {
     char ocomm[16];
     u32 pad;
     u64 osince;         /* when the owner was learned (ts_ns clock) */
+    u16 rflags;         /* R_*: facts about a transition into CLOSE */
+    u16 rst_reason;     /* enum sk_rst_reason of a reset sent (R_RST_REASON) */
+    u16 error;          /* errno reported for the socket (R_ERRNO) */
+    u16 retries;        /* retransmissions in the state left (R_RETRIES) */
 };
 
 /* What is known of a live socket: since when it is in its state, and who
@@ -327,6 +387,12 @@ struct sock_info {
     u16 pad;
     u8 laddr[16];
     u8 raddr[16];
+#ifdef WITH_REASONS
+    u64 fact_ts;        /* when rflags were learned */
+    u16 rflags;         /* resets seen in this state, just before its end */
+    u16 rst_reason;
+    u32 retries;        /* retransmissions in this state */
+#endif
 };
 BPF_TABLE("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS);
 
@@ -439,6 +505,124 @@ static inline int by_own_syscall(int oldstate, int newstate)
     return 0;
 }
 
+#ifdef WITH_REASONS
+/*
+ * Reasons. The kernel says why a connection ends through tracepoints that
+ * fire in the same context as the socket's move to CLOSE (measured on 6.18,
+ * kernel stacks in hand):
+ *   refused     tcp_receive_reset, SYN_SENT -> CLOSE, inet_sk_error_report 111
+ *   peer reset  tcp_receive_reset, X -> CLOSE, inet_sk_error_report 104
+ *   timeout     (timer) X -> CLOSE, inet_sk_error_report 110
+ *   ICMP error  X -> CLOSE, inet_sk_error_report 113 (an error 0 before it)
+ *   close() with unread data, SO_LINGER 0:  X -> CLOSE, tcp_send_reset
+ *               (TCP_ABORT_ON_CLOSE / TCP_STATE), linger 0 also error 104
+ * Facts before the move (resets) are kept with the socket (sock_info) and
+ * go out with its CLOSE event. Facts after it cannot: the row is already in
+ * the perf ring. They go out as a second record (flags AMEND) naming the
+ * row by skaddr and time, merged by user space before the row is printed;
+ * both are on this CPU's ring, the record after its row.
+ *
+ * Finding the row of a later fact: every move to CLOSE is written into a
+ * per-CPU ring of the last RECENT ones. A fact matches an entry of this
+ * CPU's ring by socket address (tcp_send_reset), or, for
+ * inet_sk_error_report, which names no socket, by the exact addresses and
+ * ports; at most one fact of each kind per entry, the newest entry first,
+ * within REASON_WINDOW_NS. Contexts nest (a softirq runs between a close()
+ * and its reset: on loopback the reset's own delivery does), so one slot
+ * would not do; but nothing runs *inside* a BPF program on its CPU (the
+ * kernel skips a tracepoint hit while one runs), so the ring needs no
+ * atomics, and a skipped context loses its facts and its CLOSE together.
+ * A fact that matches nothing is dropped, never given to another socket.
+ *
+ * Older kernels (before 6.10) report timeouts and ICMP errors before the
+ * move to CLOSE: an error that matches no recent CLOSE is kept as this
+ * CPU's pending error, for the next CLOSE with the same addresses and
+ * ports within the window.
+ */
+#ifndef REASON_WINDOW_NS
+#define REASON_WINDOW_NS 2000000ULL
+#endif
+#define RECENT 8
+
+/* Addresses and ports as a socket's tracepoints give them; 8-byte aligned
+ * and zero-filled, so that two compare as five u64 words. */
+struct tuple {
+    u16 family;
+    u16 sport;
+    u16 dport;
+    u16 pad;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+#define TUPLE_OF(t, a) do {                                        \
+        (t).family = (a)->family;                                  \
+        (t).sport = (a)->sport;                                    \
+        (t).dport = (a)->dport;                                    \
+        if ((t).family == AF_INET) {                               \
+            __builtin_memcpy((t).saddr, (a)->saddr, 4);            \
+            __builtin_memcpy((t).daddr, (a)->daddr, 4);            \
+        } else {                                                   \
+            __builtin_memcpy((t).saddr, (a)->saddr_v6, 16);        \
+            __builtin_memcpy((t).daddr, (a)->daddr_v6, 16);        \
+        }                                                          \
+    } while (0)
+
+static inline int same_tuple(struct tuple *a, struct tuple *b)
+{
+    u64 *x = (u64 *)a, *y = (u64 *)b;
+#pragma unroll
+    for (int i = 0; i < 5; i++)
+        if (x[i] != y[i])
+            return 0;
+    return 1;
+}
+
+struct closed {
+    u64 sk;
+    u64 ts;             /* the CLOSE event's ts_ns: with sk, names its row */
+    u16 submitted;      /* the row went to the ring: amend it */
+    u16 amended;        /* R_RST_SENT, R_ERRNO: facts already matched */
+    u32 pad;
+    struct tuple t;
+};
+struct recent {
+    u32 next;
+    u32 pad;
+    struct closed slot[RECENT];
+    u64 err_ts;         /* the pending error (older kernels' order) */
+    u32 err_errno;
+    u32 err_pad;
+    struct tuple err_t;
+};
+BPF_PERCPU_ARRAY(recent, struct recent, 1);
+
+/* Facts learned in the state a socket is in, as it leaves it. */
+static inline void note_fact(struct sock_info *info, u16 flags, u16 rst_reason)
+{
+    u64 now = bpf_ktime_get_ns();
+    if (now - info->fact_ts > REASON_WINDOW_NS)
+        info->rflags = 0;
+    info->fact_ts = now;
+    info->rflags |= flags;
+    if (flags & R_RST_REASON)
+        info->rst_reason = rst_reason;
+}
+
+/* Send the facts that came after a CLOSE row, to be merged into it. */
+static inline void amend(void *ctx, struct closed *c, u16 rflags, u16 rst_reason, u16 error)
+{
+    struct event ev = {};
+    ev.ts_ns = c->ts;
+    ev.skaddr = c->sk;
+    ev.flags = AMEND;
+    ev.rflags = rflags;
+    ev.rst_reason = rst_reason;
+    ev.error = error;
+    if (events.perf_submit(ctx, &ev, sizeof(ev)) != 0)
+        count(COUNT_SUBMIT_FAILED);
+}
+#endif
+
 /* Named on_*, not tracepoint__*: BCC attaches functions of that name as
  * soon as it loads them, and tcpstates attaches by hand once the port maps
  * are filled and the perf rings open, so that no event is ever judged
@@ -490,6 +674,19 @@ int on_set_state(struct tracepoint__sock__inet_sock_set_state *args)
         }
         /* The chain check: a socket leaves the state it last entered. */
         gap = info->state != oldstate;
+#ifdef WITH_REASONS
+        if (newstate == TCP_CLOSE) {
+            if (info->rflags && now - info->fact_ts <= REASON_WINDOW_NS) {
+                ev.rflags = info->rflags;
+                ev.rst_reason = info->rst_reason;
+            }
+            /* counted since the socket entered the state it leaves */
+            ev.retries = info->retries > 0xffff ? 0xffff : info->retries;
+            ev.rflags |= R_RETRIES;
+        }
+        info->rflags = 0;
+        info->retries = 0;
+#endif
     } else {
         info = &blank;
         if (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV) {
@@ -517,6 +714,33 @@ int on_set_state(struct tracepoint__sock__inet_sock_set_state *args)
     int view = in_view(lport, rport, ev.opid);
     if (gap && view)
         count(COUNT_GAP);
+
+#ifdef WITH_REASONS
+    /* Every move to CLOSE, seen or not, goes into this CPU's ring: the
+     * facts that follow it are then taken by it, never by another socket. */
+    struct closed *slot = 0;
+    if (newstate == TCP_CLOSE) {
+        u32 zero = 0;
+        struct recent *r = recent.lookup(&zero);
+        if (r) {
+            struct tuple t = {};
+            TUPLE_OF(t, args);
+            if (r->err_ts && now - r->err_ts <= REASON_WINDOW_NS &&
+                    same_tuple(&r->err_t, &t)) {
+                ev.error = r->err_errno;
+                ev.rflags |= R_ERRNO;
+                r->err_ts = 0;
+            }
+            slot = &r->slot[r->next & (RECENT - 1)];
+            r->next++;
+            slot->sk = sk;
+            slot->ts = now;
+            slot->submitted = 0;
+            slot->amended = ev.rflags & (R_RST_SENT | R_ERRNO);
+            slot->t = t;
+        }
+    }
+#endif
 
     /* Bookkeeping for every TCP socket, also those the filters below hide:
      * a socket's first events can carry port 0 (a client's local port is
@@ -589,6 +813,25 @@ int on_set_state(struct tracepoint__sock__inet_sock_set_state *args)
     if (!(ev.flags & SPAN_KNOWN) || ev.span_us < FILTER_MIN_SPAN_US)
         return 0;
 #endif
+#ifdef FILTER_REASONS
+    /* --reason: a bit per reason (the order of REASONS in tcpstates.py).
+     * Reasons come only with a move to CLOSE. What is decided here stays
+     * decided (a listener's close; a reset met while connecting); the
+     * rest can still be changed by facts that follow, and is decided in
+     * user space, which drops what the user did not ask for. */
+    if (newstate != TCP_CLOSE)
+        return 0;
+    if (oldstate == TCP_LISTEN) {
+        if (!(FILTER_REASONS & REASON_BIT_LISTENER_CLOSED))
+            return 0;
+    } else {
+        if (!(FILTER_REASONS & ~REASON_BIT_LISTENER_CLOSED))
+            return 0;
+        if (oldstate == TCP_SYN_SENT && (ev.rflags & R_RST_RECEIVED) &&
+                !(FILTER_REASONS & REASON_BIT_REFUSED))
+            return 0;
+    }
+#endif
 
     ev.ts_ns = now;
     ev.skaddr = sk;
@@ -606,8 +849,14 @@ int on_set_state(struct tracepoint__sock__inet_sock_set_state *args)
         __builtin_memcpy(ev.raddr, args->daddr_v6, 16);
     }
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    if (events.perf_submit(args, &ev, sizeof(ev)) != 0)
+    if (events.perf_submit(args, &ev, sizeof(ev)) != 0) {
         count(COUNT_SUBMIT_FAILED);
+        return 0;
+    }
+#ifdef WITH_REASONS
+    if (slot)
+        slot->submitted = 1;
+#endif
     return 0;
 }
 
@@ -634,6 +883,131 @@ int on_destroy(struct tracepoint__tcp__tcp_destroy_sock *args)
     return 0;
 }
 #endif
+
+#ifdef HAVE_RESET_IN
+/* The peer reset the connection (or, in a closing state with the receive
+ * side shut, the kernel calls it so before it resets the peer itself for
+ * data that came after the close: then a tcp_send_reset follows). */
+int on_reset_in(struct tracepoint__tcp__tcp_receive_reset *args)
+{
+    u64 sk = (u64)args->skaddr;
+    struct sock_info *info = sockets.lookup(&sk);
+    if (info)
+        note_fact(info, R_RST_RECEIVED, 0);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_RESET_OUT
+#ifdef HAVE_RST_ENUM
+/* The tracepoint's format names this type; BCC copies the field's type into
+ * the argument struct, and without kernel headers it must be complete. */
+enum sk_rst_reason { SK_RST_REASON_FIRST_ };
+#endif
+/* This host reset the connection: before the socket's move to CLOSE (a
+ * keepalive or orphan timeout, ss -K) or just after it (close() with
+ * unread data, SO_LINGER 0, data after close). */
+int on_reset_out(struct tracepoint__tcp__tcp_send_reset *args)
+{
+    u64 sk = (u64)args->skaddr;
+    if (!sk)
+        return 0;           /* a reply to a packet no socket owns */
+    u16 flags = R_RST_SENT, why = 0;
+#ifdef HAVE_RST_REASON
+    why = args->reason;
+    flags |= R_RST_REASON;
+#endif
+    struct sock_info *info = sockets.lookup(&sk);
+    if (info) {
+        note_fact(info, flags, why);
+        return 0;
+    }
+    u32 zero = 0;
+    struct recent *r = recent.lookup(&zero);
+    if (!r)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+#pragma unroll
+    for (int i = 0; i < RECENT; i++) {
+        struct closed *c = &r->slot[(r->next - 1 - i) & (RECENT - 1)];
+        if (c->sk == sk && now - c->ts <= REASON_WINDOW_NS &&
+                !(c->amended & R_RST_SENT)) {
+            c->amended |= R_RST_SENT;
+            if (c->submitted)
+                amend(args, c, flags, why, 0);
+            return 0;
+        }
+    }
+    return 0;
+}
+#endif
+
+#ifdef HAVE_ERROR
+/* The error the kernel hands the socket's process: no socket address, so it
+ * is matched by addresses and ports (see "Reasons" above). */
+int on_error(struct tracepoint__sock__inet_sk_error_report *args)
+{
+    if (args->protocol != IPPROTO_TCP)
+        return 0;
+    int error = args->error;
+    /* 0: a report for the error queue (timestamps, ICMP with IP_RECVERR),
+     * not an error. A peer port of 0: tcp_disconnect (SO_LINGER 0,
+     * connect(AF_UNSPEC)) cleared it before reporting ECONNRESET, and the
+     * rest of the addresses no longer names one socket: left unmatched. */
+    if (error <= 0 || error > 0xffff || args->dport == 0)
+        return 0;
+    struct tuple t = {};
+    TUPLE_OF(t, args);
+    u32 zero = 0;
+    struct recent *r = recent.lookup(&zero);
+    if (!r)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+#pragma unroll
+    for (int i = 0; i < RECENT; i++) {
+        struct closed *c = &r->slot[(r->next - 1 - i) & (RECENT - 1)];
+        if (c->ts && now - c->ts <= REASON_WINDOW_NS && !(c->amended & R_ERRNO) &&
+                same_tuple(&c->t, &t)) {
+            c->amended |= R_ERRNO;
+            if (c->submitted)
+                amend(args, c, R_ERRNO, 0, error);
+            return 0;
+        }
+    }
+    r->err_ts = now;
+    r->err_errno = error;
+    r->err_t = t;
+    return 0;
+}
+#endif
+
+#ifdef HAVE_RETRANSMIT
+/* Retries: retransmissions of a socket in its current state (SYN_SENT: of
+ * its SYN). The kernel holds the socket's lock here and at its state
+ * changes, so a plain increment is safe. */
+int on_retransmit(struct tracepoint__tcp__tcp_retransmit_skb *args)
+{
+    u64 sk = (u64)args->skaddr;
+    struct sock_info *info = sockets.lookup(&sk);
+    if (info)
+        info->retries++;
+    return 0;
+}
+#endif
+
+#ifdef HAVE_SYNACK
+/* A SYN-ACK sent again. For a plain connection request skaddr is the
+ * listener (the request has no row of its own); for a fast-open child,
+ * a full socket in SYN_RECV, it is the child's. */
+int on_synack(struct tracepoint__tcp__tcp_retransmit_synack *args)
+{
+    u64 sk = (u64)args->skaddr;
+    struct sock_info *info = sockets.lookup(&sk);
+    if (info && info->state == TCP_SYN_RECV)
+        info->retries++;
+    return 0;
+}
+#endif
 """
 
 
@@ -641,6 +1015,98 @@ int on_destroy(struct tracepoint__tcp__tcp_destroy_sock *args)
 # 3. Text helpers: states, safe text, addresses, process names, the clock,
 # processes and cgroups.
 # ---------------------------------------------------------------------------
+TCP_SYN_SENT, TCP_FIN_WAIT2, TCP_CLOSE, TCP_LAST_ACK, TCP_CLOSING = 2, 5, 7, 9, 11
+
+# What is known of why a connection ended, as every output shows it: the
+# reason's word (one of REASONS, None when unknown), the REASON column's
+# text (the word and its detail, UNKNOWN), the errno the kernel reported,
+# the retransmissions in the state left, the reset's reason as the kernel
+# names it, and the journal MESSAGE's phrase.
+Reason = collections.namedtuple("Reason", "word text errno retries reset phrase")
+NO_REASON = Reason(None, UNKNOWN, None, None, None, None)
+
+
+def decide_reason(oldstate, newstate, rflags, rst_reason, error, retries, reset_names):
+    """Why a socket moved to CLOSE, from what the kernel said in the same
+    context (see "Reasons" in the BPF program), as a Reason. Only what the
+    facts show, in this order (the first that applies):
+      LISTEN -> CLOSE                                   listener-closed
+      errno 110 (ETIMEDOUT)                             timeout
+      errno 103 (ECONNABORTED: ss -K)                   aborted
+      a reset sent: the kernel's reason TCP_ABORT_ON_CLOSE or
+        TCP_DISCONNECT_WITH_DATA (data left unread)     aborted
+        TCP_KEEPALIVE_TIMEOUT                           timeout
+        any other, or none given                        reset-sent
+      a reset received: in SYN_SENT                     refused
+        in any other state                              reset-by-peer
+      errno 111 (ECONNREFUSED)                          refused
+      errno 113 or 101 (EHOSTUNREACH, ENETUNREACH)      unreachable
+      FIN_WAIT2 -> CLOSE (our FIN acknowledged)         closed
+      LAST_ACK or CLOSING -> CLOSE, no retransmission in that state (so no
+        timeout: the last ACK came)                     closed
+    Anything else is unknown: errno 104 alone (the kernel also reports it to
+    a socket that sent the reset itself), a connect given up by close(), a
+    timeout of a socket no process holds any more (no error is reported)."""
+    if newstate != TCP_CLOSE:
+        return NO_REASON
+    errno = error if rflags & R_ERRNO else None
+    count = retries if rflags & R_RETRIES else None
+    reset = None
+    if rflags & R_RST_SENT and rflags & R_RST_REASON:
+        reset = reset_names.get(rst_reason) or str(rst_reason)
+    word = detail = None
+    if oldstate == TCP_LISTEN:
+        word = "listener-closed"
+    elif errno == ETIMEDOUT or reset == KEEPALIVE_RESET:
+        word = "timeout"
+        if reset == KEEPALIVE_RESET:
+            detail = "keepalive"
+        elif count is not None:
+            detail = "%d-retr%s" % (count, "y" if count == 1 else "ies")
+    elif errno == ECONNABORTED or reset in ABORT_RESETS:
+        word = "aborted"
+    elif rflags & R_RST_SENT:
+        word = "reset-sent"
+        if reset and reset != "NOT_SPECIFIED":
+            detail = reset
+    elif rflags & R_RST_RECEIVED:
+        word = "refused" if oldstate == TCP_SYN_SENT else "reset-by-peer"
+    elif errno == ECONNREFUSED:
+        word = "refused"
+    elif errno in (EHOSTUNREACH, ENETUNREACH):
+        word = "unreachable"
+    elif oldstate == TCP_FIN_WAIT2 or (oldstate in (TCP_LAST_ACK, TCP_CLOSING) and count == 0):
+        word = "closed"
+    if word is None:
+        return Reason(None, UNKNOWN, errno, count, reset, None)
+    text, phrase = word, REASONS[word]
+    if detail:
+        text = "%s:%s" % (word, detail)
+        phrase = "%s (%s)" % (phrase, detail.replace("-", " "))
+    if errno is not None:
+        phrase += ", errno %d" % errno
+    return Reason(word, text, errno, count, reset, phrase)
+
+
+class Reasons:
+    """decide_reason for events, cached (few distinct facts recur), with
+    this kernel's names of its reset reasons (read on first use)."""
+
+    def __init__(self, reset_names=None):
+        self._names = reset_names
+        self._cache = _Cache(self._decide)
+
+    def _decide(self, key):
+        if self._names is None:
+            self._names = reset_reason_names()
+        return decide_reason(*key, self._names)
+
+    def __call__(self, ev):
+        if ev[9] != TCP_CLOSE:
+            return NO_REASON
+        return self._cache[ev[8:10] + ev[16:20]]
+
+
 def state_name(number):
     """Name of a kernel TCP state number; unknown numbers print as digits."""
     return TCP_STATES.get(number) or str(number)
@@ -936,12 +1402,14 @@ class Formatter:
 
     clock and procs are seams for tests (a fixed clock, a fake /proc)."""
 
-    def __init__(self, args, *, clock=None, procs=None):
+    def __init__(self, args, *, clock=None, procs=None, reasons=None):
         self.args = args
         self.mode = ("json" if args.json else "csv" if args.csv
                      else "wide" if args.wide else "table")
         self.clock = clock or Clock()
         self.procs = procs or ProcessCache()
+        self.reasons = reasons or Reasons()
+        self.show_reason = bool(args.extended or args.reasons)
         self.columns = self._columns()
         self.row = self._fast_row()
 
@@ -960,7 +1428,13 @@ class Formatter:
                 continue
             if title in OWNER_TITLES and not self.args.extended:
                 continue
-            if title == "MS" and self.args.extended and self.mode != "csv":
+            if title == REASON_TITLE:
+                if not self.show_reason:
+                    continue
+                if not self.args.extended and conv:
+                    conv = "%s"         # the last column: no trailing blanks
+            if title == "MS" and (self.args.extended or self.show_reason) \
+                    and self.mode != "csv":
                 conv = EXTENDED_MS
             chosen.append((title, conv))
         return chosen
@@ -1015,10 +1489,13 @@ class Formatter:
         js = _Cache(_json_str)
         rfc, since, fmt = self.clock.rfc3339, self.clock.since_first, JSON_LINE
         unknown = ("null", "null", "null", "null")
+        reason_of = self.reasons
+        rj = _Cache(_reason_json)
+        no_reason = _reason_json(NO_REASON)
 
         def json_row(ev):
             ts, sk, span, pid, _op, lport, rport, family, old, new, flags, \
-                laddr, raddr, comm, _oc, _os = ev
+                laddr, raddr, comm, _oc, _os, _rf, _rr, _er, _re = ev
             if family == af_inet:
                 la, ra, ip = a4[laddr], a4[raddr], 4
             else:
@@ -1029,7 +1506,8 @@ class Formatter:
             else:
                 owner = (owner[0], js[owner[1]], js[owner[2]], js[owner[3]])
             return fmt % ((rfc(ts), since(ts), sk, ip, la, lport, ra, rport, st[old], st[new],
-                           span if flags & span_known else "null", pid, cj[comm]) + owner)
+                           span if flags & span_known else "null", pid, cj[comm]) + owner
+                          + (no_reason if new != TCP_CLOSE else rj[reason_of(ev)]))
         return json_row
 
     def _text_row(self, a4, a6, st):
@@ -1042,11 +1520,11 @@ class Formatter:
             cell = _Cache(str)
         fmt = self._format()
         want_time, want_ts = self.args.time, self.args.timestamp
-        extended = self.args.extended
+        extended, show_reason = self.args.extended, self.show_reason
 
         def core(ev):
             _ts, sk, span, pid, _op, lport, rport, family, old, new, _fl, \
-                laddr, raddr, comm, _oc, _os = ev
+                laddr, raddr, comm, _oc, _os, _rf, _rr, _er, _re = ev
             if family == af_inet:
                 la, ra, ip = a4[laddr], a4[raddr], "4"
             else:
@@ -1054,11 +1532,11 @@ class Formatter:
             return (sk, pid, cc[comm], ip, la, lport, ra, rport, st[old], st[new],
                     span / 1000)
 
-        if not (want_time or want_ts or extended):
+        if not (want_time or want_ts or extended or show_reason):
             # core() inlined: the common case, one call less per event
             def plain_row(ev):
                 _ts, sk, span, pid, _op, lport, rport, family, old, new, _fl, \
-                    laddr, raddr, comm, _oc, _os = ev
+                    laddr, raddr, comm, _oc, _os, _rf, _rr, _er, _re = ev
                 if family == af_inet:
                     la, ra, ip = a4[laddr], a4[raddr], "4"
                 else:
@@ -1069,6 +1547,7 @@ class Formatter:
 
         time_of, since_first = self.clock.hms, self.clock.since_first
         unknown = (UNKNOWN,) * 4
+        reason_of = self.reasons
 
         def full_row(ev):
             head = ()
@@ -1077,9 +1556,11 @@ class Formatter:
             if want_ts:
                 head += (since_first(ev[0]),)
             tail = ()
+            if show_reason:
+                tail = (UNKNOWN if ev[9] != TCP_CLOSE else reason_of(ev).text,)
             if extended:
                 owner = owner_of(ev)
-                tail = unknown if owner is None else (
+                tail += unknown if owner is None else (
                     owner[0], cell[owner[1]], owner[2], cell[owner[3]])
             return fmt % (head + core(ev) + tail)
         return full_row
@@ -1133,6 +1614,7 @@ class StuckFormatter:
             "RADDR": address_text(ev.family, ev.raddr), "RPORT": ev.rport,
             "OLDSTATE": state_name(ev.oldstate), "NEWSTATE": state_name(ev.newstate),
             "MS": "%s%.3f" % (">=" if at_least and not csv_mode else "", ev.span_us / 1000),
+            "REASON": UNKNOWN,          # nothing has ended
         }
         if owner is None:
             values.update(dict.fromkeys(OWNER_TITLES, UNKNOWN))
@@ -1320,6 +1802,12 @@ def stuck_fields(ev, clock, owner):
     fields["TCPSTATES_STUCK_AGE_USEC"] = str(ev.span_us)
     fields["TCPSTATES_AGE_AT_LEAST"] = "1" if at_least else "0"
     return fields
+def _reason_json(reason):
+    """The four JSON values of a Reason: reason, errno, retries, reset_reason."""
+    return (_json_str(reason.word) if reason.word else "null",
+            "null" if reason.errno is None else str(reason.errno),
+            "null" if reason.retries is None else str(reason.retries),
+            _json_str(reason.reset) if reason.reset else "null")
 
 
 def lost_fields(lost, total, gaps=0, gaps_total=0):
@@ -1343,9 +1831,9 @@ def lost_fields(lost, total, gaps=0, gaps_total=0):
     }
 
 
-def journal_fields(ev, clock, owner):
+def journal_fields(ev, clock, owner, reason=NO_REASON):
     """The journal record of one event, as an ordered dict of fields; owner
-    as ProcessCache.owner gives it.
+    as ProcessCache.owner gives it, reason as Reasons gives it.
 
     Field names are the upstream bcc tool's where it has them, so existing
     queries keep working. OBJECT_PID is the socket's owner, set only while
@@ -1358,11 +1846,12 @@ def journal_fields(ev, clock, owner):
     span = ev.flags & SPAN_KNOWN
     who = ("%s[%d]" % (owner[1], owner[0])) if owner else "unknown owner"
     fields = {
-        "MESSAGE": "%s: %s \u2192 %s %s \u2192 %s%s" % (
+        "MESSAGE": "%s: %s \u2192 %s %s \u2192 %s%s%s" % (
             who, endpoint_text(ev.family, ev.laddr, ev.lport),
             endpoint_text(ev.family, ev.raddr, ev.rport),
             state_name(ev.oldstate), state_name(ev.newstate),
-            (" after %.3f ms" % (ev.span_us / 1000)) if span else ""),
+            (" after %.3f ms" % (ev.span_us / 1000)) if span else "",
+            (": " + reason.phrase) if reason.phrase else ""),
         "MESSAGE_ID": JOURNAL_MESSAGE_ID,
         "PRIORITY": str(LOG_NOTICE),
         "SYSLOG_IDENTIFIER": JOURNAL_IDENTIFIER,
@@ -1387,6 +1876,14 @@ def journal_fields(ev, clock, owner):
     fields["TCPSTATES_EVENT_MONOTONIC_USEC"] = str(ev.ts_ns // 1000)
     fields["TCPSTATES_ONCPU_PID"] = str(ev.pid)
     fields["TCPSTATES_ONCPU_COMM"] = comm_text(ev.comm)
+    if reason.word:
+        fields["TCPSTATES_REASON"] = reason.word
+    if reason.errno is not None:
+        fields["ERRNO"] = str(reason.errno)         # journald's own field for it
+    if reason.retries is not None:
+        fields["TCPSTATES_RETRIES"] = str(reason.retries)
+    if reason.reset:
+        fields["TCPSTATES_RESET_REASON"] = reason.reset
     return fields
 
 
@@ -1395,12 +1892,13 @@ class JournalWriter:
     tests pass their own). If journald goes away mid-run the tracer keeps
     going: the first failure is reported on stderr, the rest are counted."""
 
-    def __init__(self, clock, procs, sender, warn):
+    def __init__(self, clock, procs, sender, warn, reasons=None):
         self.clock = clock
         self.procs = procs
         self.sender = sender
         self.warn = warn
         self.unsent = 0
+        self.reasons = reasons or Reasons()
 
     def _send(self, fields):
         try:
@@ -1412,7 +1910,7 @@ class JournalWriter:
             self.unsent += 1
 
     def event(self, ev):
-        self._send(journal_fields(ev, self.clock, self.procs.owner(ev)))
+        self._send(journal_fields(ev, self.clock, self.procs.owner(ev), self.reasons(ev)))
 
     def lost(self, lost, total, gaps=0, gaps_total=0):
         self._send(lost_fields(lost, total, gaps, gaps_total))
@@ -1962,13 +2460,77 @@ def check_journald(path=JOURNAL_SOCKET):
         sock.close()
 
 
-class KernelFacts(collections.namedtuple("KernelFacts", "destroy_hook")):
+class KernelFacts(collections.namedtuple(
+        "KernelFacts", ("destroy_hook", "reset_in", "reset_out", "rst_reason", "rst_enum",
+                        "error_report", "retransmit", "synack"),
+        defaults=(False,) * 7)):
     """What the running kernel offers beyond the required tracepoint, probed
-    once (probe_kernel) and handed to bpf_cflags."""
+    once (probe_kernel) and handed to bpf_cflags: which optional tracepoints
+    exist, and whether tcp_send_reset names its reason (Linux 6.10+), as an
+    enum type that BCC needs declared."""
+
+
+# The reasons' hooks: (fact, tracepoint, C function, what is unknown without it).
+REASON_HOOKS = (
+    ("reset_in", RESET_IN_TRACEPOINT, "on_reset_in",
+     "reset-by-peer is unknown; refused only where the kernel reports errno 111"),
+    ("reset_out", RESET_OUT_TRACEPOINT, "on_reset_out",
+     "reset-sent is unknown; aborted only where the kernel reports errno 103"),
+    ("error_report", ERROR_TRACEPOINT, "on_error",
+     "timeout and unreachable are unknown, and no errno is shown"),
+    ("retransmit", RETRANSMIT_TRACEPOINT, "on_retransmit",
+     "timeouts have no retry count, and LAST_ACK/CLOSING -> CLOSE is never shown closed"),
+    ("synack", SYNACK_TRACEPOINT, "on_synack",
+     "a fast-open child's timeout has no retry count"),
+)
+
+
+def tracepoint_format(name):
+    """The text of a tracepoint's format file, or "" if unreadable."""
+    try:
+        with open(os.path.join(find_tracefs() or "", "events", *name.split(":"),
+                               "format")) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def probe_kernel():
-    return KernelFacts(destroy_hook=tracepoint_exists(DESTROY_TRACEPOINT))
+    reset_format = tracepoint_format(RESET_OUT_TRACEPOINT)
+    return KernelFacts(
+        destroy_hook=tracepoint_exists(DESTROY_TRACEPOINT),
+        reset_in=tracepoint_exists(RESET_IN_TRACEPOINT),
+        reset_out=tracepoint_exists(RESET_OUT_TRACEPOINT),
+        rst_reason=bool(re.search(r"field:[^;]* reason;", reset_format)),
+        rst_enum="enum sk_rst_reason reason;" in reset_format,
+        error_report=tracepoint_exists(ERROR_TRACEPOINT),
+        retransmit=tracepoint_exists(RETRANSMIT_TRACEPOINT),
+        synack=tracepoint_exists(SYNACK_TRACEPOINT))
+
+
+def parse_reset_reasons(format_text):
+    """{number: name} of the kernel's reset reasons, from the print format of
+    tcp:tcp_send_reset ("__print_symbolic(REC->reason, { 0, "NOT_SPECIFIED" },
+    ..."). The numbers change between kernel versions; the names do not."""
+    m = re.search(r"__print_symbolic\(REC->reason,([^)]*)\)", format_text)
+    if not m:
+        return {}
+    return {int(n): name for n, name in re.findall(r'\{\s*(\d+),\s*"(\w+)"\s*\}', m.group(1))}
+
+
+_RESET_NAMES = []
+
+
+def reset_reason_names():
+    """This kernel's reset reasons by number (read once; {} when unknown)."""
+    if not _RESET_NAMES:
+        _RESET_NAMES.append(parse_reset_reasons(tracepoint_format(RESET_OUT_TRACEPOINT)))
+    return _RESET_NAMES[0]
+
+
+def reasons_wanted(args):
+    """Whether the output shows reasons: REASON with -x, -j, -Y, --reason."""
+    return bool(args.extended or args.json or args.journal or args.reasons)
 
 
 def state_mask(numbers):
@@ -2012,12 +2574,60 @@ def bpf_cflags(args, facts=KernelFacts(destroy_hook=False)):
         flags.append("-DTEST_SKIP_NEWSTATE=%d" % args.test_skip[0])
     if facts.destroy_hook:
         flags.append("-DHAVE_TCP_DESTROY_SOCK=1")
+    if reasons_wanted(args):
+        flags.append("-DWITH_REASONS=1")
+        # facts this long before or after a move to CLOSE are another
+        # context's: the reorder margin, which also bounds how late a fact
+        # can be merged into its row
+        flags.append("-DREASON_WINDOW_NS=%dULL" % REORDER_MARGIN_NS)
+        if args.reasons:
+            words = list(REASONS)
+            flags.append("-DFILTER_REASONS=0x%xU" % sum(1 << words.index(w) for w in args.reasons))
+            flags.append("-DREASON_BIT_REFUSED=0x%xU" % (1 << words.index("refused")))
+            flags.append("-DREASON_BIT_LISTENER_CLOSED=0x%xU"
+                         % (1 << words.index("listener-closed")))
+        for fact, _tracepoint, function, _lost in REASON_HOOKS:
+            if getattr(facts, fact):
+                flags.append("-DHAVE_%s=1" % function[3:].upper())
+        if facts.reset_out and facts.rst_reason:
+            flags.append("-DHAVE_RST_REASON=1")
+            if facts.rst_enum:
+                flags.append("-DHAVE_RST_ENUM=1")
     return flags
+
+
+def bpf_hooks(args, facts):
+    """(C function, tracepoint) of every hook to load and attach, the main
+    one first."""
+    hooks = [("on_set_state", TRACEPOINT)]
+    if facts.destroy_hook:
+        hooks.append(("on_destroy", DESTROY_TRACEPOINT))
+    if reasons_wanted(args):
+        hooks += [(function, tracepoint) for fact, tracepoint, function, _lost in REASON_HOOKS
+                  if getattr(facts, fact)]
+    return hooks
+
+
+def reason_notes(args, facts):
+    """What --ebpf says of the reasons on this kernel: one line per missing
+    tracepoint and what its absence leaves unknown."""
+    if not reasons_wanted(args):
+        return ["// reasons: off (shown with -x, -j, -Y or --reason)"]
+    notes = []
+    for fact, tracepoint, _function, lost in REASON_HOOKS:
+        if not getattr(facts, fact):
+            notes.append("// reasons: no %s tracepoint on this kernel: %s" % (tracepoint, lost))
+    if facts.reset_out and not facts.rst_reason:
+        notes.append("// reasons: %s gives no reset reason (Linux 6.10+): reset-sent has no "
+                     "detail, and aborted only comes from errno 103" % RESET_OUT_TRACEPOINT)
+    return notes or ["// reasons: every tracepoint they use is present"]
 
 
 def ebpf_listing(args):
     """What --ebpf prints: the cflags, the port maps' contents, the program."""
-    lines = ["// cflags: %s" % (" ".join(bpf_cflags(args, probe_kernel())) or "(none)")]
+    facts = probe_kernel()
+    lines = ["// cflags: %s" % (" ".join(bpf_cflags(args, facts)) or "(none)")]
+    lines += reason_notes(args, facts)
     if args.localport:
         lines.append("// local_ports map: %s" % ",".join(map(str, args.localport)))
     if args.remoteport:
@@ -2333,6 +2943,9 @@ class Program:
         key at a time. A read from user space does not count as a use for
         an LRU map, so reading never changes what it evicts."""
         fd, lib = self.maps[name], self.lib
+        # the map's own value size: the caller's struct may be a prefix of
+        # it (an optional part of the program appends fields)
+        value_size = max(value_size, self.info[name]["value_size"])
         if getattr(self, "_batch_ok", True):
             keys = ctypes.create_string_buffer(key_size * batch)
             values = ctypes.create_string_buffer(value_size * batch)
@@ -2544,17 +3157,20 @@ def parse_recursion_misses(raw, filled):
     return struct.unpack_from("<Q", raw, PROG_INFO_RECURSION_MISSES)[0]
 
 
-def parse_records(chunk, sink):
-    """Decode a run of perf records: events are appended to sink (a list);
-    returns the number of lost events the kernel reported among them.
+def parse_records(chunk, sink, amend=None):
+    """Decode a run of perf records: events are appended to sink (a list),
+    amendments (flags AMEND) handed to amend; returns the number of lost
+    events the kernel reported among them.
 
     Nearly always the run holds only samples of one size, and all of them
     are decoded by one C call (iter_unpack); the header bytes of every
-    record are checked first, by slicing at that stride."""
+    record are checked first, by slicing at that stride, and so is the low
+    byte of every record's flags, for amendments."""
     n, rest = divmod(len(chunk), SAMPLE_SIZE)
     if not rest and n and chunk[0::SAMPLE_SIZE].count(PERF_RECORD_SAMPLE) == n \
             and chunk[6::SAMPLE_SIZE].count(SAMPLE_SIZE) == n \
-            and not chunk[1::SAMPLE_SIZE].strip(b"\0") and not chunk[7::SAMPLE_SIZE].strip(b"\0"):
+            and not chunk[1::SAMPLE_SIZE].strip(b"\0") and not chunk[7::SAMPLE_SIZE].strip(b"\0") \
+            and not chunk[FLAGS_IN_SAMPLE::SAMPLE_SIZE].translate(None, NOT_AMEND_BYTES):
         sink.extend(SAMPLE_STRUCT.iter_unpack(chunk))
         return 0
     lost = 0
@@ -2565,7 +3181,11 @@ def parse_records(chunk, sink):
         if size < 8:
             break                      # corrupt: never loop forever
         if rtype == PERF_RECORD_SAMPLE and size >= 12 + EVENT_STRUCT.size:
-            sink.append(EVENT_STRUCT.unpack_from(chunk, offset + 12))
+            record = EVENT_STRUCT.unpack_from(chunk, offset + 12)
+            if not record[10] & AMEND:
+                sink.append(record)
+            elif amend is not None:
+                amend(record)
         elif rtype == PERF_RECORD_LOST and size >= 24:
             lost += _U64.unpack_from(chunk, offset + 16)[0]
         offset += size
@@ -2628,8 +3248,9 @@ class PerfRings:
     def poll(self, timeout_ms):
         self.epoll.poll(timeout_ms / 1000)
 
-    def consume(self, sink):
-        """Read every ring to its end; events go to sink. Returns lost."""
+    def consume(self, sink, amend=None):
+        """Read every ring to its end; events go to sink, amendments to
+        amend (see parse_records). Returns lost."""
         lost = 0
         unpack = _U64.unpack_from
         for _fd, ring, size in self.rings:
@@ -2644,7 +3265,7 @@ class PerfRings:
             else:
                 first = PAGE_SIZE + size - start
                 chunk = ring[start:PAGE_SIZE + size] + ring[PAGE_SIZE:PAGE_SIZE + length - first]
-            lost += parse_records(chunk, sink)
+            lost += parse_records(chunk, sink, amend)
             _U64.pack_into(ring, 1032, head)                # data_tail: space is free
         return lost
 
@@ -2709,12 +3330,16 @@ class BccRings:
     def poll(self, timeout_ms):
         self.lib.perf_reader_poll(len(self.readers), self.array, timeout_ms)
 
-    def consume(self, sink):
+    def consume(self, sink, amend=None):
         self.lib.perf_reader_consume(len(self.readers), self.array)
         if self.failure is not None:
             failure, self.failure = self.failure, None
             raise failure
-        sink.extend(self.pending)
+        for record in self.pending:
+            if not record[10] & AMEND:
+                sink.append(record)
+            elif amend is not None:
+                amend(record)
         self.pending = []
         lost, self.lost = self.lost, 0
         return lost
@@ -2890,6 +3515,25 @@ class Reorderer:
         self.late = 0
         self._last = 0              # the newest timestamp given out
 
+    def amend(self, record):
+        """Merge the facts of an amendment (flags AMEND: what the kernel said
+        after a socket's move to CLOSE) into that row, still pending: the
+        one with its skaddr and time. The kernel sends it on the same CPU's
+        ring, after the row, so the row was read first; it was given out
+        already only if the fact came later than the reorder margin, and
+        then the fact is counted as late and the row keeps what it had."""
+        sk, ts, rflags = record[1], record[0], record[16]
+        pending = self.pending
+        for i in range(len(pending) - 1, -1, -1):
+            ev = pending[i]
+            if ev[1] == sk and ev[0] == ts and ev[9] == TCP_CLOSE:
+                pending[i] = ev[:16] + (
+                    ev[16] | rflags,
+                    record[17] if rflags & R_RST_REASON else ev[17],
+                    record[18] if rflags & R_ERRNO else ev[18],
+                    ev[19])
+                return
+        self.late += 1
     def release(self, horizon=None):
         """The events stamped at or before horizon (all if None), sorted."""
         pending = self.pending
@@ -2927,7 +3571,9 @@ class Ledger:
                     history before it submits the event)
       not_written   events read, but not written because the output stayed
                     blocked past the stop grace
-      late          events given out after a later one (out of order)"""
+      late          events given out after a later one (out of order), and
+                    facts about a row's reason that came after the row had
+                    gone out (the row shows what was known)"""
 
     FIELDS = ("printed", "lost", "skipped", "gaps", "not_written", "late")
 
@@ -3087,7 +3733,7 @@ class StuckWatch:
         visible, stuck_now = set(), collections.Counter()
         tuples = set()
         threshold, states, done = self.threshold_ns, self.states, self.reported
-        unpack_key, unpack = _U64.unpack, SOCK_INFO_STRUCT.unpack
+        unpack_key, unpack = _U64.unpack, SOCK_INFO_STRUCT.unpack_from
         for key, value in program.iterate("sockets", 8, SOCK_INFO_STRUCT.size):
             entries += 1
             since, osince, opid, oflags, state, ocomm, family, lport, rport, _pad, \
@@ -3204,7 +3850,7 @@ class Lifecycles:
         live, done = self.live, []
         for ev in events:
             ts, sk, span, _pid, _op, lport, rport, family, old, new, flags, \
-                laddr, raddr, _comm, _oc, _os = ev
+                laddr, raddr, _comm, _oc, _os, _rf, _rr, _er, _re = ev
             h = live.get(sk)
             if h is None:
                 if len(live) >= self.cap:
@@ -3271,6 +3917,9 @@ class Tracer:
         self.err = Sink(err or sys.stderr, self.stop)
         self.formatter = Formatter(args, procs=procs)
         self.reorder = Reorderer()
+        # facts that came after a CLOSE row (see Reorderer.amend)
+        self.amend = self.reorder.amend if reasons_wanted(args) else None
+        self.reason_filter = frozenset(args.reasons or ())
         self.ledger = Ledger()
         self.rings = None
         self.journal = None
@@ -3281,7 +3930,7 @@ class Tracer:
             self.metrics = Metrics(args.metrics_by or (), local_port_range(), warn=self.warn)
         if journal_sender is not None:
             self.journal = JournalWriter(self.formatter.clock, self.formatter.procs,
-                                         journal_sender, self.warn)
+                                         journal_sender, self.warn, self.formatter.reasons)
         # A service discards stdout (its records go to the journal): then
         # rows are not even formatted; nor with --quiet.
         self.write_rows = not (args.quiet or _is_devnull(out))
@@ -3298,7 +3947,7 @@ class Tracer:
             self.life_rows = LifeFormatter(self.formatter)
         self.filtered = bool(args.localport or args.remoteport or args.pid or args.ipv4
                              or args.ipv6 or args.from_states or args.to_states
-                             or args.min_span is not None)
+                             or args.min_span is not None or args.reasons)
 
     def warn(self, message):
         """A line on stderr; it too gives up on a blocked reader after a
@@ -3312,9 +3961,7 @@ class Tracer:
     def load(self):
         facts = probe_kernel()
         cflags = bpf_cflags(self.args, facts)
-        hooks = [("on_set_state", TRACEPOINT)]
-        if facts.destroy_hook:
-            hooks.append(("on_destroy", DESTROY_TRACEPOINT))
+        hooks = bpf_hooks(self.args, facts)
         cache = None
         if not self.args.no_cache:
             cache = ProgramCache(os.environ.get("CACHE_DIRECTORY") or CACHE_DIR, self.warn)
@@ -3426,7 +4073,7 @@ class Tracer:
 
     def _consume(self):
         try:
-            self.ledger.lost_records += self.rings.consume(self.reorder.pending)
+            self.ledger.lost_records += self.rings.consume(self.reorder.pending, self.amend)
         except (Fatal, WriteAborted):
             raise
         except Exception as exc:
@@ -3435,6 +4082,10 @@ class Tracer:
 
     def _drain(self, horizon):
         ready = self.reorder.release(horizon)
+        if ready and self.reason_filter:
+            # what the kernel could not decide (see FILTER_REASONS)
+            reason_of, wanted = self.formatter.reasons, self.reason_filter
+            ready = [ev for ev in ready if reason_of(ev).word in wanted]
         if not ready:
             return
         if self.lifecycles is not None:
@@ -3587,15 +4238,23 @@ EXAMPLES = """examples:
     tcpstates -D 5432       # only remote port 5432
     tcpstates -4            # IPv4 only
     tcpstates -6            # IPv6 only
-    tcpstates -x            # add each socket's owner (PID, name, how known, cgroup)
+    tcpstates -x            # add why it ended, each socket's owner (PID, name, ...)
     tcpstates -p 181        # only sockets owned by PID 181
     tcpstates -Y            # also record each event in the systemd journal
     tcpstates -j            # JSON lines, for jq and log shippers
     tcpstates --from SYN_SENT --to CLOSE    # failed connects
+    tcpstates --reason timeout,refused,unreachable  # failed connects, and why
     tcpstates --min-span 1000               # states that lasted 1 s or more
     tcpstates -j --duration 60 --count 1000 # bounded run
     tcpstates --stuck 60 -x                 # also sockets stuck 60 s (owner shown)
     tcpstates -l                            # one row per connection, time per state
+
+REASON (with -x or --reason; "reason" with -j, TCPSTATES_REASON with -Y)
+says why a connection ended, on its move to CLOSE, as the kernel tells it:
+refused, reset-by-peer, reset-sent[:KERNEL_REASON], timeout[:N-retries or
+:keepalive], unreachable, aborted (closed with data unread), closed (the
+orderly FIN exchange), listener-closed, or - when the kernel did not say.
+REASONS in tcpstates(8) says how each is found.
 
 At exit one line goes to stderr: "summary: N printed, N lost, N skipped by
 the kernel, N gaps, N not written, N late" (LOSS ACCOUNTING in tcpstates(8)
@@ -3640,6 +4299,19 @@ def state_list(text):
                     item.strip(), ", ".join(TCP_STATES[n] for n in sorted(TCP_STATES))))
         numbers.add(number)
     return tuple(sorted(numbers))
+
+
+def reason_list(text):
+    """Parse "timeout,refused" into a tuple of reasons in REASONS' order; for
+    argparse's type=."""
+    words = set()
+    for item in text.split(","):
+        word = item.strip().lower()
+        if word not in REASONS:
+            raise argparse.ArgumentTypeError(
+                "unknown reason %r; reasons: %s" % (item.strip(), ", ".join(REASONS)))
+        words.add(word)
+    return tuple(w for w in REASONS if w in words)
 
 
 def _positive_number(text, what, integer=False):
@@ -3765,7 +4437,8 @@ def build_parser():
     parser.add_argument("-D", "--remoteport", type=port_list, metavar="PORTS",
                         help="only these remote ports (comma-separated)")
     parser.add_argument("-x", "--extended", action="store_true",
-                        help="add the socket's owner: O-PID, O-COMM, O-FROM, CGROUP")
+                        help="add why a connection ended (REASON) and the socket's "
+                             "owner: O-PID, O-COMM, O-FROM, CGROUP")
     parser.add_argument("-p", "--pid", type=pid_arg, metavar="PID",
                         help="only sockets owned by this process")
     parser.add_argument("-Y", "--journal", action="store_true",
@@ -3778,6 +4451,8 @@ def build_parser():
                         help="only transitions into these states (e.g. CLOSE)")
     parser.add_argument("--min-span", type=milliseconds, metavar="MS",
                         help="only transitions whose previous state lasted at least MS ms")
+    parser.add_argument("--reason", dest="reasons", type=reason_list, metavar="REASONS",
+                        help="only connection ends for these reasons: %s" % ", ".join(REASONS))
     parser.add_argument("--duration", type=seconds, metavar="SECONDS",
                         help="stop after SECONDS seconds")
     parser.add_argument("--count", type=event_count, metavar="N",

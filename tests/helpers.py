@@ -17,6 +17,7 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -86,7 +87,8 @@ class FakeProcs(tcpstates.ProcessCache):
 
 
 def formatter(*argv, clock=None, procs=None):
-    return tcpstates.Formatter(args_for(*argv), clock=clock, procs=procs or FakeProcs())
+    return tcpstates.Formatter(args_for(*argv), clock=clock, procs=procs or FakeProcs(),
+                               reasons=tcpstates.Reasons(RESET_NAMES))
 
 
 # -- unit: the reference renderers -----------------------------------------
@@ -113,9 +115,27 @@ def reference_fields(f, ev):
         "OLDSTATE": tcpstates.state_name(ev.oldstate), "->": "->",
         "NEWSTATE": tcpstates.state_name(ev.newstate), "MS": "%.3f" % (ev.span_us / 1000),
     }
+    if a.extended or a.reasons:
+        values["REASON"] = reason_text(ev)
     if a.extended:
         values.update(zip(tcpstates.OWNER_TITLES, owner_texts(f, ev)))
     return [(title, values[title]) for title, conv in f.columns if conv is not None]
+
+
+RESET_NAMES = {0: "NOT_SPECIFIED", 1: "NO_SOCKET", 8: "TCP_ABORT_ON_DATA",
+               11: "TCP_ABORT_ON_CLOSE", 12: "TCP_ABORT_ON_LINGER", 14: "TCP_STATE",
+               15: "TCP_KEEPALIVE_TIMEOUT", 16: "TCP_DISCONNECT_WITH_DATA"}
+
+
+def reason_of(ev, names=RESET_NAMES):
+    """The reason the plain (uncached) way."""
+    ev = tcpstates.as_event(ev)
+    return tcpstates.decide_reason(ev.oldstate, ev.newstate, ev.rflags, ev.rst_reason,
+                                   ev.error, ev.retries, names)
+
+
+def reason_text(ev):
+    return reason_of(ev).text
 
 
 def defuse(text):
@@ -159,6 +179,10 @@ def json_record(f, ev):
         "owner_comm": owner[1] if owner else None,
         "owner_from": owner[2] if owner else None,
         "owner_cgroup": owner[3] if owner else None,
+        "reason": reason_of(ev).word,
+        "errno": reason_of(ev).errno,
+        "retries": reason_of(ev).retries,
+        "reset_reason": reason_of(ev).reset,
     }
 
 
@@ -525,3 +549,91 @@ def wait_journal(pid, count, *match, timeout=10):
         if len(records) >= count or time.monotonic() > deadline:
             return records
         time.sleep(0.1)
+
+
+# -- live: connections that end for each reason ----------------------------------
+def refused_connect(family=socket.AF_INET, port=None):
+    """A connect to a port nobody listens on; the port."""
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    port = port or free_port(family)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.connect((host, port))
+        except ConnectionRefusedError:
+            return port
+    raise AssertionError("connect to port %d was not refused" % port)
+
+
+def server_closes(how, port=None):
+    """A loopback connection whose accepted socket is closed by its process
+    ("linger": with SO_LINGER 0; "unread": with the client's data unread);
+    the client sees the reset on its next read, then closes. Returns a
+    Session."""
+    port = port or free_port()
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(8)
+    cli = socket.socket()
+    cli.settimeout(5)
+    cli.connect(("127.0.0.1", port))
+    acc, _ = srv.accept()
+    cli.sendall(b"ping")
+    if how == "linger":
+        assert acc.recv(64) == b"ping"
+        acc.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    else:
+        time.sleep(0.05)            # the data has arrived, and is never read
+    acc.close()
+    try:
+        cli.recv(64)
+        raise AssertionError("the client saw no reset")
+    except ConnectionResetError:
+        pass
+    cli.close()
+    srv.close()
+    return Session(socket.AF_INET, port, None)
+
+
+# In a private network namespace (gone with its process): a veth pair whose
+# far end is unconfigured, so that nothing answers. "timeout": a static
+# neighbour, one SYN retry allowed (about 3 s); "unreachable": a neighbour
+# that never answers ARP, asked once after 100 ms, then the kernel reports
+# EHOSTUNREACH to the connecting socket.
+NETNS_SETUP = """set -e
+ip link set lo up
+ip link add v0 type veth peer name v1
+ip link set v0 up
+ip link set v1 up
+ip addr add 10.98.0.1/24 dev v0
+"""
+NETNS_CASES = {
+    "timeout": """ip route add 10.99.0.0/16 via 10.98.0.2 dev v0
+ip neigh add 10.98.0.2 lladdr 02:00:00:00:00:02 dev v0
+sysctl -qw net.ipv4.tcp_syn_retries=1
+""",
+    "unreachable": """ip route add 10.99.0.0/16 via 10.98.0.3 dev v0
+sysctl -qw net.ipv4.neigh.v0.mcast_solicit=1 net.ipv4.neigh.v0.ucast_solicit=0 \\
+    net.ipv4.neigh.v0.app_solicit=0 net.ipv4.neigh.v0.retrans_time_ms=100
+""",
+}
+NETNS_CONNECT = """import errno, socket, sys
+s = socket.socket()
+s.settimeout(30)
+try:
+    s.connect(("10.99.0.1", int(sys.argv[1])))
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno))
+else:
+    print("connected")
+"""
+
+
+def netns_connect(case, port):
+    """Connect to 10.99.0.1:port from a private network namespace set up for
+    case; the errno name connect() failed with."""
+    script = NETNS_SETUP + NETNS_CASES[case] + 'exec %s -c "$0" %d\n' % (sys.executable, port)
+    proc = subprocess.run(["unshare", "-n", "sh", "-c", script, NETNS_CONNECT],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()

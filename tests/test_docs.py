@@ -71,7 +71,8 @@ def test_man_fields_cover_every_column(argv):
 def test_man_sections_in_bcc_order():
     sections = re.findall(r"^\.SH (.+)$", read(MAN), re.M)
     assert sections == ["NAME", "SYNOPSIS", "DESCRIPTION", "REQUIREMENTS", "OPTIONS",
-                        "EXAMPLES", "FIELDS", "JOURNAL FIELDS", "METRICS", "LOSS ACCOUNTING",
+                        "EXAMPLES", "FIELDS", "REASONS", "JOURNAL FIELDS", "METRICS",
+                        "LOSS ACCOUNTING",
                         "OVERHEAD",
                         "FILES", "SOURCE", "OS", "STABILITY",
                         "AUTHOR", "SEE ALSO"]
@@ -134,7 +135,8 @@ def test_readme_usage_matches_help():
 
 def test_man_documents_every_json_key():
     text = read(MAN)
-    section = text[text.index(".SS JSON KEYS"):text.index(".SH JOURNAL FIELDS")]
+    start = text.index(".SS JSON KEYS")
+    section = text[start:text.index("\n.SH ", start)]
     documented = set()
     for entry in re.findall(r"^\.TP\n(.+)$", section, re.M):
         documented.update(k.strip() for k in entry.split(","))
@@ -150,6 +152,10 @@ def test_man_documents_every_journal_field():
     clock, procs = tcpstates.Clock(), FakeProcs()
     sent = set(tcpstates.journal_fields(make_event(), clock, procs.owner(make_event()))) | set(
         tcpstates.journal_fields(v6_event(), clock, procs.owner(v6_event())))
+    # a move to CLOSE with every fact about its end
+    ev = make_event(oldstate=1, newstate=7, rflags=31, rst_reason=14, error=103, retries=1)
+    sent |= set(tcpstates.journal_fields(ev, clock, procs.owner(ev), formatter().reasons(ev)))
+    assert {"TCPSTATES_REASON", "ERRNO", "TCPSTATES_RETRIES", "TCPSTATES_RESET_REASON"} <= sent
     assert sent <= documented
     assert set(tcpstates.lost_fields(1, 2)) - sent <= set(re.findall(r"TCPSTATES_\w+", section))
 

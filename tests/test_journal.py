@@ -419,3 +419,35 @@ def test_records_forwarded_to_a_central_journal(tmp_path, installed):
         capture_output=True, text=True).stdout
     assert "Subject: TCP socket changed state: " in explained, explained
     assert "Documentation: man:tcpstates(8)" in explained
+
+
+def test_reason_fields_and_message():
+    from helpers import RESET_NAMES
+    reasons = tcpstates.Reasons(RESET_NAMES)
+    ev = make_event(oldstate=2, newstate=7, rflags=tcpstates.R_RST_RECEIVED | tcpstates.R_ERRNO
+                    | tcpstates.R_RETRIES, error=111)
+    clock = tcpstates.Clock()
+    f = tcpstates.journal_fields(ev, clock, FakeProcs().owner(ev), reasons(ev))
+    assert f["MESSAGE"].endswith(
+        "SYN_SENT \u2192 CLOSE after 300.206 ms: connection refused, errno 111")
+    assert (f["TCPSTATES_REASON"], f["ERRNO"], f["TCPSTATES_RETRIES"]) == ("refused", "111", "0")
+    assert "TCPSTATES_RESET_REASON" not in f
+    ev = make_event(oldstate=1, newstate=7, rflags=tcpstates.R_RST_SENT | tcpstates.R_RST_REASON,
+                    rst_reason=14)
+    f = tcpstates.journal_fields(ev, clock, None, reasons(ev))
+    assert f["MESSAGE"].endswith("ESTABLISHED \u2192 CLOSE after 300.206 ms: reset sent (TCP_STATE)")
+    assert (f["TCPSTATES_REASON"], f["TCPSTATES_RESET_REASON"]) == ("reset-sent", "TCP_STATE")
+    assert "ERRNO" not in f and "TCPSTATES_RETRIES" not in f
+    # unknown: the facts that are known, no word, nothing said in MESSAGE
+    ev = make_event(oldstate=1, newstate=7, rflags=tcpstates.R_ERRNO, error=104)
+    f = tcpstates.journal_fields(ev, clock, None, reasons(ev))
+    assert "TCPSTATES_REASON" not in f and f["ERRNO"] == "104"
+    assert f["MESSAGE"].endswith("CLOSE after 300.206 ms")
+
+
+def test_journal_writer_sends_reasons():
+    sent = []
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), lambda *a: sent.append(a),
+                                     print)
+    writer.event(make_event(oldstate=10, newstate=7))
+    assert "TCPSTATES_REASON=listener-closed" in sent[0]

@@ -33,6 +33,7 @@ def test_json_record_ipv4():
         "pid": 4242, "comm": "curl",
         "owner_pid": 4242, "owner_comm": "curl", "owner_from": "self",
         "owner_cgroup": "/system.slice/curl.service",
+        "reason": None, "errno": None, "retries": None, "reset_reason": None,
     }
     assert json.loads(f.row(make_event(ts_ns=5_000_123_456))) == json_record(
         f, make_event(ts_ns=5_000_123_456))

@@ -54,19 +54,23 @@ def test_state_names_cover_every_kernel_state():
 
 # -- decoding ----------------------------------------------------------------
 def test_event_struct_matches_the_c_layout():
-    # u64 x3, u32 x2, u16 x6, u8[16] x2, char[16] x2, u32 pad, u64
-    assert tcpstates.EVENT_STRUCT.size == 120
+    # u64 x3, u32 x2, u16 x6, u8[16] x2, char[16] x2, u32 pad, u64, u16 x4
+    assert tcpstates.EVENT_STRUCT.size == 128
     c_fields = re.search(r"struct event \{(.*?)\};", tcpstates.BPF_PROGRAM, re.S).group(1)
     names = re.findall(r"^\s*\w+ (\w+)(?:\[\d+\])?;", c_fields, re.M)
     assert [n for n in names if n != "pad"] == list(tcpstates.Event._fields)
-    raw = struct.pack("<QQQIIHHHHHH16s16s16s16sIQ", 1, 2, 3, 4, 11, 5, 6, 10, 7, 2, 1,
-                      b"a" * 16, b"b" * 16, b"comm", b"owner", 0, 99)
+    raw = struct.pack("<QQQIIHHHHHH16s16s16s16sIQHHHH", 1, 2, 3, 4, 11, 5, 6, 10, 7, 2, 1,
+                      b"a" * 16, b"b" * 16, b"comm", b"owner", 0, 99, 12, 13, 14, 15)
     ev = tcpstates.Event._make(tcpstates.EVENT_STRUCT.unpack_from(raw))
     assert (ev.ts_ns, ev.skaddr, ev.span_us, ev.pid, ev.opid, ev.lport, ev.rport) == (
         1, 2, 3, 4, 11, 5, 6)
     assert (ev.family, ev.oldstate, ev.newstate, ev.flags) == (10, 7, 2, 1)
     assert ev.comm.rstrip(b"\0") == b"comm" and ev.ocomm.rstrip(b"\0") == b"owner"
     assert ev.osince == 99
+    assert (ev.rflags, ev.rst_reason, ev.error, ev.retries) == (12, 13, 14, 15)
+    # the readers find amendments by the low byte of flags at this offset
+    sample = bytes(12) + raw
+    assert sample[tcpstates.FLAGS_IN_SAMPLE] == 1
 
 
 # -- formatting --------------------------------------------------------------
@@ -252,9 +256,22 @@ def test_missing_privileges_message(monkeypatch):
 # -- owner -------------------------------------------------------------------
 def test_extended_columns_follow_ms():
     f = formatter("-x", procs=FakeProcs(name="nginx", cgroup="/system.slice/nginx.service"))
-    assert f.header().split()[-5:] == ["MS", "O-PID", "O-COMM", "O-FROM", "CGROUP"]
+    assert f.header().split()[-6:] == ["MS", "REASON", "O-PID", "O-COMM", "O-FROM", "CGROUP"]
     fields = f.row(make_event(opid=777, ocomm=b"nginx-worker".ljust(16, b"\0"))).split()
-    assert fields[-5:] == ["300.206", "777", "nginx", "self", "/system.slice/nginx.service"]
+    assert fields[-6:] == ["300.206", "-", "777", "nginx", "self",
+                           "/system.slice/nginx.service"]
+    fields = f.row(make_event(oldstate=2, newstate=7, rflags=tcpstates.R_RST_RECEIVED)).split()
+    assert fields[-5] == "refused"
+
+
+def test_reason_column_alone_with_the_reason_filter():
+    f = formatter("--reason", "timeout")
+    assert f.header().split()[-2:] == ["MS", "REASON"]
+    ev = make_event(oldstate=2, newstate=7, rflags=tcpstates.R_ERRNO | tcpstates.R_RETRIES,
+                    error=110, retries=2)
+    assert f.row(ev).split()[-2:] == ["300.206", "timeout:2-retries"]
+    # the REASON column lines up with its title
+    assert f.header().index("REASON") == f.row(ev).index("timeout")
 
 
 def test_unknown_owner_prints_a_dash():
@@ -266,8 +283,8 @@ def test_unknown_owner_prints_a_dash():
 
 def test_extended_csv_header():
     f = formatter("-s", "-x")
-    assert f.header().rstrip("\n").split(",")[-5:] == ["MS", "O-PID", "O-COMM", "O-FROM",
-                                                        "CGROUP"]
+    assert f.header().rstrip("\n").split(",")[-6:] == ["MS", "REASON", "O-PID", "O-COMM",
+                                                        "O-FROM", "CGROUP"]
 
 
 INHERITED = tcpstates.SPAN_KNOWN | tcpstates.OWNER_KNOWN | tcpstates.OWNER_INHERITED
@@ -419,20 +436,24 @@ def test_recursion_misses_from_prog_info():
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 EVENTS = st.builds(
-    lambda fam, a, b, comm, ocomm, ts, span, flags, old, new, pid, opid, lp, rp, sk:
+    lambda fam, a, b, comm, ocomm, ts, span, flags, old, new, pid, opid, lp, rp, sk, why:
         (ts, sk, span, pid, opid, lp, rp, fam,
          old, new, flags,
          a if fam == socket.AF_INET6 else a[:4] + b"\0" * 12,
          b if fam == socket.AF_INET6 else b[:4] + b"\0" * 12,
-         comm, ocomm, ts - span),
+         comm, ocomm, ts - span) + why,
     st.sampled_from([socket.AF_INET, socket.AF_INET6]),
     st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
     st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
     st.integers(2 ** 41, 2 ** 50), st.integers(0, 2 ** 40), st.integers(0, 7),
-    st.integers(0, 20), st.integers(0, 20), st.integers(0, 2 ** 22), st.integers(1, 2 ** 22),
-    st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2 ** 64 - 1))
+    st.integers(0, 20), st.one_of(st.just(7), st.integers(0, 20)),
+    st.integers(0, 2 ** 22), st.integers(1, 2 ** 22),
+    st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2 ** 64 - 1),
+    # rflags, rst_reason, error, retries: what the kernel said of an end
+    st.tuples(st.integers(0, 31), st.sampled_from([0, 1, 8, 11, 12, 14, 15, 16, 99]),
+              st.sampled_from([0, 32, 101, 103, 104, 110, 111, 113]), st.integers(0, 65535)))
 MODES = [[], ["-w"], ["-T", "-t"], ["-x"], ["-w", "-x", "-T"], ["-s"], ["-s", "-T", "-t"],
-         ["-s", "-x"], ["-j"]]
+         ["-s", "-x"], ["-j"], ["--reason", "closed,timeout"], ["-s", "--reason", "refused"]]
 
 
 @settings(max_examples=150, deadline=None)
@@ -497,3 +518,192 @@ def test_ring_consume_handles_wraparound():
     assert sink == evs
     assert struct.unpack_from("<Q", ring, 1032)[0] == tail + len(data)   # tail advanced
     assert rings.consume(sink) == 0 and len(sink) == 3                  # nothing new
+
+
+# -- reasons -------------------------------------------------------------------
+from helpers import RESET_NAMES  # noqa: E402
+
+T = tcpstates
+SENT, RECEIVED, WHY, ERR, RETRIES = (T.R_RST_SENT, T.R_RST_RECEIVED, T.R_RST_REASON,
+                                     T.R_ERRNO, T.R_RETRIES)
+S = {name: n for n, name in T.TCP_STATES.items()}
+
+
+@pytest.mark.parametrize("old, rflags, rst, err, retries, text", [
+    # the first rule that applies wins (decide_reason's docstring)
+    ("LISTEN", ERR | SENT, 0, 104, 0, "listener-closed"),
+    ("SYN_SENT", ERR | RETRIES, 0, 110, 2, "timeout:2-retries"),
+    ("SYN_SENT", ERR | RETRIES, 0, 110, 1, "timeout:1-retry"),
+    ("SYN_SENT", ERR, 0, 110, 0, "timeout"),                 # retries unknown
+    ("ESTABLISHED", SENT | WHY | ERR, 15, 110, 9, "timeout:keepalive"),
+    ("ESTABLISHED", SENT | WHY, 15, 0, 0, "timeout:keepalive"),
+    ("ESTABLISHED", SENT | WHY | ERR, 14, 103, 0, "aborted"),   # ss -K
+    ("ESTABLISHED", ERR, 0, 103, 0, "aborted"),
+    ("ESTABLISHED", SENT | WHY, 11, 0, 0, "aborted"),           # unread data
+    ("CLOSE_WAIT", SENT | WHY, 16, 0, 0, "aborted"),
+    ("ESTABLISHED", SENT | WHY, 14, 0, 0, "reset-sent:TCP_STATE"),   # SO_LINGER 0
+    ("ESTABLISHED", SENT | WHY, 0, 0, 0, "reset-sent"),         # NOT_SPECIFIED
+    ("ESTABLISHED", SENT, 0, 0, 0, "reset-sent"),               # before Linux 6.10
+    ("ESTABLISHED", SENT | WHY, 99, 0, 0, "reset-sent:99"),     # a name not known
+    ("FIN_WAIT1", RECEIVED | SENT | WHY | ERR, 8, 104, 0, "reset-sent:TCP_ABORT_ON_DATA"),
+    ("SYN_SENT", RECEIVED | ERR, 0, 111, 0, "refused"),
+    ("SYN_SENT", RECEIVED, 0, 0, 0, "refused"),
+    ("SYN_SENT", ERR, 0, 111, 0, "refused"),                    # ICMP port unreachable
+    ("ESTABLISHED", RECEIVED | ERR, 0, 104, 0, "reset-by-peer"),
+    ("CLOSE_WAIT", RECEIVED | ERR, 0, 32, 0, "reset-by-peer"),
+    ("SYN_SENT", ERR, 0, 113, 0, "unreachable"),
+    ("SYN_SENT", ERR, 0, 101, 0, "unreachable"),
+    ("FIN_WAIT2", RETRIES, 0, 0, 0, "closed"),
+    ("FIN_WAIT2", 0, 0, 0, 0, "closed"),
+    ("LAST_ACK", RETRIES, 0, 0, 0, "closed"),
+    ("CLOSING", RETRIES, 0, 0, 0, "closed"),
+    # never a guess
+    ("LAST_ACK", RETRIES, 0, 0, 1, "-"),        # an ACK after a retry, or a timeout
+    ("LAST_ACK", 0, 0, 0, 0, "-"),              # retransmissions not known
+    ("ESTABLISHED", ERR, 0, 104, 0, "-"),       # ECONNRESET alone: whose reset?
+    ("SYN_SENT", RETRIES, 0, 0, 0, "-"),        # close() while connecting, no port
+    ("FIN_WAIT1", RETRIES, 0, 0, 5, "-"),       # an orphan's timeout: no error
+    ("ESTABLISHED", 0, 0, 0, 0, "-"),
+])
+def test_decide_reason(old, rflags, rst, err, retries, text):
+    reason = T.decide_reason(S[old], T.TCP_CLOSE, rflags, rst, err, retries, RESET_NAMES)
+    assert reason.text == text
+    assert reason.word == (None if text == "-" else text.split(":")[0])
+    assert reason.errno == (err if rflags & ERR else None)
+    assert reason.retries == (retries if rflags & RETRIES else None)
+    assert reason.word is None or reason.word in T.REASONS
+
+
+def test_no_reason_without_a_move_to_close():
+    for new in range(1, 14):
+        if new != T.TCP_CLOSE:
+            assert T.decide_reason(2, new, ERR | RECEIVED, 0, 111, 0, {}) is T.NO_REASON
+
+
+def test_reason_phrases_for_the_journal():
+    r = T.decide_reason(2, 7, ERR | RETRIES, 0, 110, 2, RESET_NAMES)
+    assert r.phrase == "timed out (2 retries), errno 110"
+    r = T.decide_reason(1, 7, SENT | WHY, 14, 0, 0, RESET_NAMES)
+    assert (r.phrase, r.reset) == ("reset sent (TCP_STATE)", "TCP_STATE")
+    r = T.decide_reason(2, 7, RECEIVED | ERR, 0, 111, 0, RESET_NAMES)
+    assert r.phrase == "connection refused, errno 111"
+    assert T.decide_reason(1, 7, ERR, 0, 104, 0, RESET_NAMES).phrase is None
+
+
+RESET_FORMAT = '''name: tcp_send_reset
+format:
+\tfield:enum sk_rst_reason reason;\toffset:28;\tsize:4;\tsigned:0;
+
+print fmt: "skbaddr=%p state=%s reason=%s", REC->skbaddr, REC->state ? __print_symbolic(REC->state, { TCP_ESTABLISHED, "TCP_ESTABLISHED" }, { TCP_SYN_SENT, "TCP_SYN_SENT" }) : "UNKNOWN", __print_symbolic(REC->reason, { 0, "NOT_SPECIFIED" }, { 1, "NO_SOCKET" }, { 11, "TCP_ABORT_ON_CLOSE" }, { 25, "MAX" })
+'''
+
+
+def test_reset_reasons_are_read_from_the_format():
+    assert T.parse_reset_reasons(RESET_FORMAT) == {
+        0: "NOT_SPECIFIED", 1: "NO_SOCKET", 11: "TCP_ABORT_ON_CLOSE", 25: "MAX"}
+    # before Linux 6.10: no reason field
+    assert T.parse_reset_reasons('print fmt: "skbaddr=%p", REC->skbaddr') == {}
+
+
+def test_reasons_are_cached_per_facts():
+    reasons = T.Reasons(RESET_NAMES)
+    ev = make_event(oldstate=2, newstate=7, rflags=RECEIVED | ERR, error=111)
+    assert reasons(ev).text == "refused" and reasons(tuple(ev)) is reasons(ev)
+    assert reasons(make_event()) is T.NO_REASON               # not a move to CLOSE
+
+
+def amendment(close, **kw):
+    fields = dict(ts_ns=close.ts_ns, skaddr=close.skaddr, flags=T.AMEND)
+    fields.update(kw)
+    return tuple(T.Event(**{f: 0 for f in ("span_us", "pid", "opid", "lport", "rport",
+                                           "family", "oldstate", "newstate", "osince")},
+                         laddr=b"\0" * 16, raddr=b"\0" * 16, comm=b"\0" * 16,
+                         ocomm=b"\0" * 16, **fields))
+
+
+def test_amendments_merge_into_their_row():
+    r = T.Reorderer()
+    close = make_event(ts_ns=10, oldstate=1, newstate=7, rflags=RETRIES)
+    other = make_event(ts_ns=11, skaddr=5, oldstate=1, newstate=7)
+    r.pending += [tuple(close), tuple(other)]
+    r.amend(amendment(close, rflags=SENT | WHY, rst_reason=11))
+    r.amend(amendment(close, rflags=ERR, error=104))
+    merged = T.Event._make(r.pending[0])
+    assert (merged.rflags, merged.rst_reason, merged.error) == (RETRIES | SENT | WHY | ERR,
+                                                                11, 104)
+    assert merged[:16] == tuple(close)[:16] and r.pending[1] == tuple(other)
+    # one for a row already given out (or never sent): counted late, no other row touched
+    r.amend(amendment(close, ts_ns=9, rflags=ERR, error=111))
+    assert r.late == 1 and T.Event._make(r.pending[0]).error == 104
+    assert r.release(None)[0] == tuple(merged)
+
+
+def test_readers_hand_amendments_over():
+    close = make_event(ts_ns=10, oldstate=1, newstate=7)
+    evs = [tuple(make_event(ts_ns=i)) for i in range(1, 4)]
+    chunk = b"".join(map(sample_record, evs + [tuple(close)]))
+    sink, got = [], []
+    # no amendment: the fast path, one C call
+    assert T.parse_records(chunk, sink, got.append) == 0 and sink == evs + [tuple(close)]
+    am = amendment(close, rflags=ERR, error=110)
+    sink = []
+    assert T.parse_records(chunk + sample_record(am), sink, got.append) == 0
+    assert sink == evs + [tuple(close)] and got == [am]
+    sink = []
+    assert T.parse_records(sample_record(am), sink) == 0 and sink == []   # reasons off
+
+
+def facts(**kw):
+    every = dict(destroy_hook=True, reset_in=True, reset_out=True, rst_reason=True,
+                 rst_enum=True, error_report=True, retransmit=True, synack=True)
+    every.update(kw)
+    return T.KernelFacts(**every)
+
+
+def test_reasons_only_cost_when_shown():
+    plain = args_for()
+    assert T.bpf_cflags(plain, facts()) == ["-DHAVE_TCP_DESTROY_SOCK=1"]
+    assert T.bpf_hooks(plain, facts()) == [("on_set_state", T.TRACEPOINT),
+                                           ("on_destroy", T.DESTROY_TRACEPOINT)]
+    for argv in (["-x"], ["-j"], ["-Y"], ["--reason", "timeout"]):
+        flags = T.bpf_cflags(args_for(*argv), facts())
+        assert "-DWITH_REASONS=1" in flags and "-DHAVE_ERROR=1" in flags
+        names = [f for f, _ in T.bpf_hooks(args_for(*argv), facts())]
+        assert names == ["on_set_state", "on_destroy", "on_reset_in", "on_reset_out",
+                         "on_error", "on_retransmit", "on_synack"]
+        # every hook's C function exists, behind its define
+        for name in names[2:]:
+            define = "HAVE_%s" % name[3:].upper()
+            assert "#ifdef %s\n" % define in T.BPF_PROGRAM
+            assert "int %s(struct tracepoint__" % name in T.BPF_PROGRAM
+
+
+def test_a_missing_tracepoint_disables_only_its_reasons():
+    args = args_for("-x")
+    old = facts(reset_out=False, rst_reason=False, rst_enum=False, error_report=False)
+    flags = T.bpf_cflags(args, old)
+    assert "-DHAVE_RESET_OUT=1" not in flags and "-DHAVE_ERROR=1" not in flags
+    assert "-DHAVE_RST_REASON=1" not in flags and "-DHAVE_RESET_IN=1" in flags
+    assert [f for f, _ in T.bpf_hooks(args, old)] == [
+        "on_set_state", "on_destroy", "on_reset_in", "on_retransmit", "on_synack"]
+    notes = "\n".join(T.reason_notes(args, old))
+    assert "no tcp:tcp_send_reset tracepoint" in notes and "reset-sent is unknown" in notes
+    assert "no sock:inet_sk_error_report tracepoint" in notes and "timeout" in notes
+    assert T.reason_notes(args, facts()) == [
+        "// reasons: every tracepoint they use is present"]
+    pre610 = facts(rst_reason=False, rst_enum=False)
+    assert "gives no reset reason" in "\n".join(T.reason_notes(args, pre610))
+    assert "-DHAVE_RST_ENUM=1" not in T.bpf_cflags(args, pre610)
+    assert T.reason_notes(args_for(), facts()) == [
+        "// reasons: off (shown with -x, -j, -Y or --reason)"]
+
+
+def test_reason_filter_argument():
+    args = args_for("--reason", "Timeout, refused,timeout")
+    assert args.reasons == ("refused", "timeout")
+    words = list(T.REASONS)
+    assert "-DFILTER_REASONS=0x%xU" % ((1 << words.index("refused")) |
+                                       (1 << words.index("timeout"))) in T.bpf_cflags(args)
+    for bad in ("", "reset", "refused,", "-"):
+        with pytest.raises(T.UsageError, match="unknown reason"):
+            args_for("--reason", bad)
