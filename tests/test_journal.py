@@ -190,6 +190,10 @@ def test_unit_file_verifies_clean(installed, tmp_path):
     assert "ExecStart=/usr/sbin/tcpstates -Y\n" in unit
     # stdout would reach the journal too: each event stored twice.
     assert "StandardOutput=null\n" in unit
+    # journald's per-unit rate limit would drop records uncounted
+    assert "LogRateLimitIntervalSec=0\n" in unit
+    # the program cache must be writable under ProtectSystem=strict
+    assert "CacheDirectory=tcpstates\n" in unit
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
