@@ -1632,7 +1632,7 @@ class StuckFormatter:
 # first passed.
 Life = collections.namedtuple("Life", (
     "ts_ns", "skaddr", "family", "laddr", "lport", "raddr", "rport",
-    "lifetime_us", "at_least", "owner", "states"))
+    "lifetime_us", "at_least", "owner", "states", "reason"), defaults=(NO_REASON,))
 
 
 def life_states_text(states):
@@ -1670,6 +1670,7 @@ class LifeFormatter:
             titles.append("AT_LEAST")
         if args.extended:
             titles += ["O-FROM", "CGROUP"]
+        titles.append("REASON")                 # why it ended (see REASONS)
         if self.mode == "csv":
             titles += [state_name(n) for n in LIFE_STATES]
         else:
@@ -1705,12 +1706,14 @@ class LifeFormatter:
             return ('{"kind":"lifecycle","time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%s,'
                     '"laddr":"%s","lport":%d,"raddr":"%s","rport":%d,"lifetime_ms":%.3f,'
                     '"lifetime_at_least":%s,"states":{%s},"owner_pid":%s,"owner_comm":%s,'
-                    '"owner_from":%s,"owner_cgroup":%s}\n' % (
+                    '"owner_from":%s,"owner_cgroup":%s,"reason":%s,"errno":%s,'
+                    '"retries":%s,"reset_reason":%s}\n' % (
                         (f.clock.rfc3339(life.ts_ns), f.clock.since_first(life.ts_ns),
                          life.skaddr, ip_version(life.family),
                          address_text(life.family, life.laddr), life.lport,
                          address_text(life.family, life.raddr), life.rport, ms,
-                         "true" if life.at_least else "false", states) + owner))
+                         "true" if life.at_least else "false", states) + owner
+                        + _reason_json(life.reason)))
         csv_mode = self.mode == "csv"
         cell = csv_cell if csv_mode else str
         values = {
@@ -1720,6 +1723,7 @@ class LifeFormatter:
             "RADDR": address_text(life.family, life.raddr), "RPORT": life.rport,
             "MS": "%s%.3f" % (">=" if life.at_least and not csv_mode else "", ms),
             "AT_LEAST": "1" if life.at_least else "0",
+            "REASON": cell(life.reason.text),
         }
         if csv_mode:
             values["SKADDR"] = "%x" % life.skaddr
@@ -1775,6 +1779,16 @@ def lifecycle_fields(life, clock):
     fields["TCPSTATES_LIFETIME_USEC"] = str(life.lifetime_us)
     fields["TCPSTATES_LIFETIME_AT_LEAST"] = "1" if life.at_least else "0"
     fields["TCPSTATES_STATES"] = states
+    reason = life.reason
+    if reason.word:
+        fields["TCPSTATES_REASON"] = reason.word
+        fields["MESSAGE"] += " (%s)" % (reason.phrase or reason.word)
+    if reason.errno is not None:
+        fields["ERRNO"] = str(reason.errno)
+    if reason.retries is not None:
+        fields["TCPSTATES_RETRIES"] = str(reason.retries)
+    if reason.reset:
+        fields["TCPSTATES_RESET_REASON"] = reason.reset
     for n, us in life.states:
         if us is not None:
             fields["TCPSTATES_MS_%s" % state_name(n)] = "%.3f" % (us / 1000)
@@ -3836,9 +3850,10 @@ class Lifecycles:
     a history with a lower-bound lifetime). Work per event: a dict lookup
     and a few assignments, only with --lifecycle."""
 
-    def __init__(self, procs, cap=DEFAULT_MAX_LIFECYCLES):
+    def __init__(self, procs, cap=DEFAULT_MAX_LIFECYCLES, reasons=None):
         self.procs = procs
         self.cap = cap
+        self.reasons = reasons or Reasons()     # why each one ended
         # skaddr -> [first_ts, at_least, last_new, {state: us or None},
         #            family, laddr, lport, raddr, rport, owner, listener]
         self.live = {}
@@ -3887,7 +3902,7 @@ class Lifecycles:
                 continue
             owner = self.procs.owner(ev) if flags & OWNER_KNOWN else None
             done.append(Life(ts, sk, h[4], h[5], h[6], h[7], h[8], max(0, ts - h[0]) // 1000,
-                             h[1], owner or h[9], list(times.items())))
+                             h[1], owner or h[9], list(times.items()), self.reasons(ev)))
         self.count += len(done)
         return done
 

@@ -93,9 +93,13 @@ def test_table_row_lines_up_with_its_header(argv):
     lf = T.LifeFormatter(f)
     row = lf.row(lives(client_events())[1][0])
     header = lf.header().split()
-    assert header[-1] == "STATES" and header[-2] in ("MS", "CGROUP")
+    assert header[-1] == "STATES" and header[-2] == "REASON"
+    assert header[-3] in ("MS", "CGROUP")
     parts = row.split()
     assert len(parts) == len(header) - 1 + 4          # STATES: four words
+    # REASON: why it ended, as a transition's REASON says it
+    close = [ev for ev in client_events() if ev.newstate == T.TCP_CLOSE][-1]
+    assert parts[len(header) - 2] == T.Reasons()(close).text
     assert row.rstrip("\n").endswith(
         "SYN_SENT=0.065 ESTABLISHED=250.298 FIN_WAIT1=41.294 FIN_WAIT2=0.008")
     # the columns before STATES start where their titles do
