@@ -22,21 +22,26 @@ Where things are, top to bottom (each section under a banner):
                    layout shared with the C program, tunables, kernel ABI
                    numbers, journal IDs, the exceptions.
   2. BPF program   BPF_PROGRAM, the C text; configured by -D defines.
-  3. Text helpers  state names, safe_text, addresses, process names, Clock,
-                   ProcessCache (what /proc says of an owner).
+  3. Text helpers  close reasons (decide_reason, Reasons), state names,
+                   safe_text, addresses, process names, Clock, ProcessCache
+                   (what /proc says of an owner).
   4. Output        Formatter (table, wide, CSV, JSON rows from COLUMNS),
-                   journal records and JournalWriter; then, bannered, the
-                   metrics for Prometheus: Metrics (counted per batch from
-                   Tracer._drain, loss from Tracer.read_counters) and
+                   StuckFormatter (--stuck rows), LifeFormatter (--lifecycle
+                   rows), journal records and JournalWriter; then, bannered,
+                   the metrics for Prometheus: Metrics (counted per batch
+                   from Tracer._drain, loss from Tracer.read_counters) and
                    MetricsExporter (--metrics HTTP, --metrics-file).
   5. Kernel        checks before compiling, probe_kernel, bpf_cflags (pure),
-                   existing listeners, perf rings (PerfRings, BccRings).
+                   existing listeners, the program without the compiler
+                   (compile_program, Program, ProgramCache, load_program),
+                   perf rings (PerfRings, BccRings).
   6. Runtime       StopRequest, Sink (writes that never hang), Reorderer,
-                   Ledger (every loss counter), Tracer (orchestration).
+                   Ledger (every loss counter), StuckWatch (--stuck),
+                   Lifecycles (--lifecycle), Tracer (orchestration).
   7. Command line  argument types, build_parser, main.
 
 To add an output column: an entry in COLUMNS, its value in
-Formatter._fast_row (and in tests/oracle.py). A kernel filter: a -D define
+Formatter._fast_row (and in tests/helpers.py's reference_fields). A kernel filter: a -D define
 in bpf_cflags, its test in the C program's in_view() or probe, an option in
 build_parser. A loss counter: an index in the C program's counters array,
 its reading in Tracer.read_counters, a field in Ledger, its word in
