@@ -347,20 +347,29 @@ def test_facts_are_never_given_to_another_socket():
     recs = [json.loads(l) for l in tracer.snapshot()]
     normal = set(normal_ports)
     tally = {"refused": [0, 0], "peer": [0, 0], "sent": 0, "closed": 0}
+
+    def skipped_fact(r):
+        # a fact whose hook the kernel skipped (another BPF program was
+        # running on that CPU, counted in "skipped") leaves the reason
+        # unknown: a missing fact, never another socket's
+        return slack > 0 and r["reason"] is None and r["errno"] is None
+
     for r in recs:
         if r["newstate"] != "CLOSE":
             continue
         if r["rport"] == refused_port and r["oldstate"] == "SYN_SENT":
-            assert r["reason"] == "refused" and r["errno"] in (111, None), r
+            assert (r["reason"] == "refused" and r["errno"] in (111, None)) \
+                or skipped_fact(r), r
             tally["refused"][r["errno"] is None] += 1
         elif r["rport"] == linger_port:                     # the clients
-            assert r["reason"] == "reset-by-peer" and r["errno"] in (104, None), r
+            assert (r["reason"] == "reset-by-peer" and r["errno"] in (104, None)) \
+                or skipped_fact(r), r
             tally["peer"][r["errno"] is None] += 1
         elif r["lport"] == linger_port and r["rport"]:      # accepted, reset by us
-            assert r["reason"] == "reset-sent" and r["errno"] is None, r
+            assert (r["reason"] == "reset-sent" and r["errno"] is None) or skipped_fact(r), r
             tally["sent"] += 1
         elif (r["lport"] in normal or r["rport"] in normal) and r["rport"]:
-            assert r["reason"] == "closed" and r["errno"] is None, r
+            assert (r["reason"] == "closed" and r["errno"] is None) or skipped_fact(r), r
             tally["closed"] += 1
     assert counts["refused"] > 100 and counts["linger"] > 20 and counts["normal"] > 20, counts
     assert sum(tally["refused"]) >= counts["refused"] - slack
