@@ -2654,15 +2654,10 @@ def ebpf_listing(args):
     return "\n".join(lines) + "\n" + BPF_PROGRAM
 
 
-def existing_listeners(proc="/proc"):
-    """{(family, port): count} of the listening TCP sockets in every network
-    namespace that a process is in: /proc/PID/net/tcp{,6} shows the
-    namespace of PID, and one process per namespace is read.
-
-    The tracepoint cannot tell namespaces apart, so a listener in a
-    container that predates the tracer must still make its port ambiguous
-    when the host listens on the same port later."""
-    found = collections.Counter()
+def proc_net_tcp(proc="/proc"):
+    """(namespace, family, fields) for every line of /proc/PID/net/tcp and
+    tcp6, read for one process per network namespace that a process is in
+    (the file shows the namespace of PID): every namespace, once."""
     seen = set()
     try:
         pids = [name for name in os.listdir(proc) if name.isdigit()]
@@ -2680,12 +2675,27 @@ def existing_listeners(proc="/proc"):
             try:
                 with open("%s/%s/net/%s" % (proc, pid, name)) as f:
                     next(f, None)
-                    for line in f:
-                        parts = line.split()
-                        if len(parts) > 3 and int(parts[3], 16) == TCP_LISTEN:
-                            found[(family, int(parts[1].rsplit(":", 1)[1], 16))] += 1
-            except (OSError, ValueError, IndexError):
+                    lines = f.read().splitlines()
+            except OSError:
                 continue
+            for line in lines:
+                yield namespace, family, line.split()
+
+
+def existing_listeners(proc="/proc"):
+    """{(family, port): count} of the listening TCP sockets in every network
+    namespace that a process is in.
+
+    The tracepoint cannot tell namespaces apart, so a listener in a
+    container that predates the tracer must still make its port ambiguous
+    when the host listens on the same port later."""
+    found = collections.Counter()
+    for _namespace, family, parts in proc_net_tcp(proc):
+        try:
+            if len(parts) > 3 and int(parts[3], 16) == TCP_LISTEN:
+                found[(family, int(parts[1].rsplit(":", 1)[1], 16))] += 1
+        except ValueError:
+            continue
     return dict(found)
 
 
@@ -3613,40 +3623,22 @@ def proc_net_sockets(proc="/proc", states=None):
     its state column is hex. (Its timer columns say nothing of how long the
     socket has been in its state.)"""
     found = {}
-    seen = set()
-    try:
-        pids = [name for name in os.listdir(proc) if name.isdigit()]
-    except OSError:
-        pids = []
-    for pid in ["self"] + pids:
+    for namespace, family, parts in proc_net_tcp(proc):
         try:
-            namespace = os.readlink("%s/%s/ns/net" % (proc, pid))
-        except OSError:
-            continue
-        if namespace in seen:
-            continue
-        seen.add(namespace)
-        for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-            try:
-                with open("%s/%s/net/%s" % (proc, pid, name)) as f:
-                    next(f, None)
-                    for line in f:
-                        parts = line.split()
-                        if len(parts) < 10:
-                            continue
-                        state = int(parts[3], 16)
-                        if states is not None and state not in states:
-                            continue
-                        if parts[5].startswith("03:"):
-                            # a time-wait mini-socket (also shown as
-                            # FIN_WAIT2): no tracepoint follows it, so the
-                            # tracer cannot watch the ones it starts either
-                            continue
-                        (la, lp), (ra, rp) = (_proc_endpoint(parts[1]),
-                                              _proc_endpoint(parts[2]))
-                        found[(namespace, family, la, lp, ra, rp)] = (state, int(parts[9]))
-            except (OSError, ValueError, IndexError):
+            if len(parts) < 10:
                 continue
+            state = int(parts[3], 16)
+            if states is not None and state not in states:
+                continue
+            if parts[5].startswith("03:"):
+                # a time-wait mini-socket (also shown as FIN_WAIT2): no
+                # tracepoint follows it, so the tracer cannot watch the
+                # ones it starts either
+                continue
+            (la, lp), (ra, rp) = _proc_endpoint(parts[1]), _proc_endpoint(parts[2])
+            found[(namespace, family, la, lp, ra, rp)] = (state, int(parts[9]))
+        except (ValueError, IndexError):
+            continue
     return found
 
 
