@@ -22,8 +22,9 @@ Where things are, top to bottom (each section under a banner):
                    layout shared with the C program, tunables, kernel ABI
                    numbers, journal IDs, the exceptions.
   2. BPF program   BPF_PROGRAM, the C text; configured by -D defines.
-  3. Text helpers  state names, safe_text, addresses, process names, Clock,
-                   ProcessCache (what /proc says of an owner).
+  3. Text helpers  reasons (decide_reason, Reasons), state names, safe_text,
+                   addresses, process names, Clock, ProcessCache (what /proc
+                   says of an owner).
   4. Output        Formatter (table, wide, CSV, JSON rows from COLUMNS),
                    journal records and JournalWriter.
   5. Kernel        checks before compiling, probe_kernel, bpf_cflags (pure),
@@ -33,11 +34,14 @@ Where things are, top to bottom (each section under a banner):
   7. Command line  argument types, build_parser, main.
 
 To add an output column: an entry in COLUMNS, its value in
-Formatter._fast_row (and in tests/oracle.py). A kernel filter: a -D define
+Formatter._fast_row (and in tests/helpers.py's reference_fields). A kernel filter: a -D define
 in bpf_cflags, its test in the C program's in_view() or probe, an option in
 build_parser. A loss counter: an index in the C program's counters array,
 its reading in Tracer.read_counters, a field in Ledger, its word in
-Tracer.summary and in the man page's LOSS ACCOUNTING.
+Tracer.summary and in the man page's LOSS ACCOUNTING. A reason: a word in
+REASONS, its rule in decide_reason (and the man page's REASONS); a fact
+from another tracepoint: a hook in REASON_HOOKS, its C function behind
+its HAVE_ define, a KernelFacts field probed in probe_kernel.
 """
 
 import argparse
