@@ -55,7 +55,7 @@ def owner(rows):
 def test_every_event_carries_its_owner(family, first):
     port = helpers.free_port(family)
     with TracerRun("-s", "-x") as tracer:
-        assert tracer.header.endswith(",MS,O-PID,O-COMM,O-FROM,CGROUP")
+        assert tracer.header.endswith(",MS,REASON,O-PID,O-COMM,O-FROM,CGROUP")
         server, client, client_port = start_pair(family, port)
         close_all(server, client, first)
         rows = wait_rows(tracer, [port], 12)   # while both owners are alive
@@ -208,7 +208,8 @@ def test_forked_child_becomes_the_owner():
 def test_extended_table_columns():
     port = helpers.free_port()
     with TracerRun("-x") as tracer:
-        assert tracer.header.split()[-5:] == ["MS", "O-PID", "O-COMM", "O-FROM", "CGROUP"]
+        assert tracer.header.split()[-6:] == ["MS", "REASON", "O-PID", "O-COMM", "O-FROM",
+                                              "CGROUP"]
         helpers.tcp_session(port=port)
         ok = tracer.wait_until(lambda ls: sum(str(port) in l for l in ls) >= 12, 10)
         assert tracer.stop() == 0

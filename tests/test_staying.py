@@ -81,7 +81,7 @@ def _run_main_with_traffic(argv):
 
 @pytest.mark.live
 def test_failure_in_the_perf_callback_ends_the_run(monkeypatch, capsys):
-    def broken(chunk, sink):
+    def broken(chunk, sink, amend=None):
         raise ValueError("injected fault")
     # the function the perf-buffer reader decodes every run of records with
     monkeypatch.setattr(tcpstates, "parse_records", broken)
