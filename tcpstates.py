@@ -48,7 +48,10 @@ its reading in Tracer.read_counters, a field in Ledger, its word in
 Tracer.summary and in the man page's LOSS ACCOUNTING (and a cause in
 LOSS_CAUSES, set in Tracer.read_counters). A metric: its count in
 Metrics._fold, its family in Metrics.families, an entry in the man page's
-METRICS.
+METRICS. A reason: a word in
+REASONS, its rule in decide_reason (and the man page's REASONS); a fact
+from another tracepoint: a hook in REASON_HOOKS, its C function behind
+its HAVE_ define, a KernelFacts field probed in probe_kernel.
 """
 
 import argparse
@@ -150,12 +153,15 @@ FORMULA_STARTS = frozenset("=+-@\t\r")
 # One JSON object per line, by hand rather than json.dumps: a fixed key
 # order, "elapsed" always in fixed-point notation, and a fraction of the
 # cost. Only the texts a process controls need JSON escaping.
+# The owner's and the reason's keys are formatted once per distinct value
+# (see Formatter._json_row), and go into the line as one piece each.
+JSON_OWNER = '"owner_pid":%s,"owner_comm":%s,"owner_from":%s,"owner_cgroup":%s'
+JSON_REASON = '"reason":%s,"errno":%s,"retries":%s,"reset_reason":%s'
 JSON_LINE = (
     '{"time":"%s","elapsed":%.6f,"skaddr":"%x","ip":%d,'
     '"laddr":"%s","lport":%d,"raddr":"%s","rport":%d,'
     '"oldstate":"%s","newstate":"%s","span_us":%s,"pid":%d,"comm":%s,'
-    '"owner_pid":%s,"owner_comm":%s,"owner_from":%s,"owner_cgroup":%s,'
-    '"reason":%s,"errno":%s,"retries":%s,"reset_reason":%s}\n')
+    + JSON_OWNER + ',' + JSON_REASON + '}\n')
 
 # struct event, as the BPF program below lays it out (little-endian, no
 # implicit padding).
@@ -1095,7 +1101,9 @@ def decide_reason(oldstate, newstate, rflags, rst_reason, error, retries, reset_
 
 class Reasons:
     """decide_reason for events, cached (few distinct facts recur), with
-    this kernel's names of its reset reasons (read on first use)."""
+    this kernel's names of its reset reasons (read on first use). The row
+    functions take what they show of a move to CLOSE straight from a cache
+    keyed by ev[8:10] + ev[16:20], its states and facts (cached(render))."""
 
     def __init__(self, reset_names=None):
         self._names = reset_names
@@ -1105,6 +1113,10 @@ class Reasons:
         if self._names is None:
             self._names = reset_reason_names()
         return decide_reason(*key, self._names)
+
+    def cached(self, render):
+        """A cache: states and facts -> render(their Reason)."""
+        return _Cache(lambda key: render(self._cache[key]))
 
     def __call__(self, ev):
         if ev[9] != TCP_CLOSE:
@@ -1491,12 +1503,15 @@ class Formatter:
     def _json_row(self, a4, a6, st):
         af_inet, span_known, owner_of = socket.AF_INET, SPAN_KNOWN, self.procs.owner
         cj = _Cache(lambda raw: _json_str(comm_text(raw)))
-        js = _Cache(_json_str)
-        rfc, since, fmt = self.clock.rfc3339, self.clock.since_first, JSON_LINE
-        unknown = ("null", "null", "null", "null")
-        reason_of = self.reasons
-        rj = _Cache(_reason_json)
-        no_reason = _reason_json(NO_REASON)
+        rfc, since = self.clock.rfc3339, self.clock.since_first
+        # the owner's four keys and the reason's four as one piece each
+        fmt = JSON_LINE.replace(JSON_OWNER, "%s").replace(JSON_REASON, "%s")
+        oj = _Cache(lambda owner: JSON_OWNER % (
+            owner[0], _json_str(owner[1]), _json_str(owner[2]), _json_str(owner[3])))
+        no_owner = JSON_OWNER % ("null", "null", "null", "null")
+        close = TCP_CLOSE
+        rj = self.reasons.cached(lambda reason: JSON_REASON % _reason_json(reason))
+        no_reason = JSON_REASON % _reason_json(NO_REASON)
 
         def json_row(ev):
             ts, sk, span, pid, _op, lport, rport, family, old, new, flags, \
@@ -1506,13 +1521,10 @@ class Formatter:
             else:
                 la, ra, ip = a6[laddr], a6[raddr], 6
             owner = owner_of(ev)
-            if owner is None:
-                owner = unknown
-            else:
-                owner = (owner[0], js[owner[1]], js[owner[2]], js[owner[3]])
-            return fmt % ((rfc(ts), since(ts), sk, ip, la, lport, ra, rport, st[old], st[new],
-                           span if flags & span_known else "null", pid, cj[comm]) + owner
-                          + (no_reason if new != TCP_CLOSE else rj[reason_of(ev)]))
+            return fmt % (rfc(ts), since(ts), sk, ip, la, lport, ra, rport, st[old], st[new],
+                          span if flags & span_known else "null", pid, cj[comm],
+                          no_owner if owner is None else oj[owner],
+                          no_reason if new != close else rj[ev[8:10] + ev[16:20]])
         return json_row
 
     def _text_row(self, a4, a6, st):
@@ -1552,7 +1564,10 @@ class Formatter:
 
         time_of, since_first = self.clock.hms, self.clock.since_first
         unknown = (UNKNOWN,) * 4
-        reason_of = self.reasons
+        close, dash = TCP_CLOSE, (UNKNOWN,)
+        reason_cell = self.reasons.cached(lambda reason: (reason.text,))
+        # the owner's columns, made once per distinct owner
+        owner_cells = _Cache(lambda owner: (owner[0], cell[owner[1]], owner[2], cell[owner[3]]))
 
         def full_row(ev):
             head = ()
@@ -1562,11 +1577,10 @@ class Formatter:
                 head += (since_first(ev[0]),)
             tail = ()
             if show_reason:
-                tail = (UNKNOWN if ev[9] != TCP_CLOSE else reason_of(ev).text,)
+                tail = dash if ev[9] != close else reason_cell[ev[8:10] + ev[16:20]]
             if extended:
                 owner = owner_of(ev)
-                tail += unknown if owner is None else (
-                    owner[0], cell[owner[1]], owner[2], cell[owner[3]])
+                tail += unknown if owner is None else owner_cells[owner]
             return fmt % (head + core(ev) + tail)
         return full_row
 

@@ -120,8 +120,11 @@ def wait_settled(tracer, ports_of, ends):
     want = sum(ROWS[w] for w in ends)
     ports = set(ends.values())
     n = tracer.settle(lambda lines: sum(1 for p in ports_of(lines) if p & ports), want,
-                      timeout=20, quiet=2.0)
-    assert n == want, "%d of %d rows:\n%s" % (n, want, "\n".join(tracer.snapshot()[-40:]))
+                      timeout=30, quiet=8.0)   # (-Y waits on a busy journald)
+    if n != want:
+        tracer.stop()
+        raise AssertionError("%d of %d rows (%s):\n%s" % (
+            n, want, tracer.stderr.strip(), "\n".join(tracer.snapshot()[-40:])))
 
 
 def text_rows(lines):
