@@ -19,7 +19,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages -------------------------------------------------------
-# python3-bpfcc: BCC's Python bindings; python3-systemd: journal output (-Y);
+# python3-bpfcc: BCC's Python bindings; python3-systemd: the journal tests;
 # pytest and hypothesis for the tests, all for Debian's own /usr/bin/python3;
 # systemd-journal-remote for the journal forwarding test; make, groff and
 # man-db for the install and man page tests (systemd-analyze verify runs man

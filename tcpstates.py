@@ -27,7 +27,8 @@ Where things are, top to bottom (each section under a banner):
                    (what /proc says of an owner).
   4. Output        Formatter (table, wide, CSV, JSON rows from COLUMNS),
                    StuckFormatter (--stuck rows), LifeFormatter (--lifecycle
-                   rows), journal records and JournalWriter; then, bannered,
+                   rows), journal records, JournalSocket (journald's
+                   native protocol), JournalWriter (the sender thread); then, bannered,
                    the metrics for Prometheus: Metrics (counted per batch
                    from Tracer._drain, loss from Tracer.read_counters) and
                    MetricsExporter (--metrics HTTP, --metrics-file).
@@ -261,6 +262,11 @@ JOURNAL_LOST_MESSAGE_ID = "8603391e3ee349579d0092a49adf604f"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 JOURNAL_IDENTIFIER = "tcpstates"
 LOG_NOTICE, LOG_WARNING = 5, 4
+JOURNAL_QUEUE = 65536           # records waiting for journald, at most (see JournalWriter)
+JOURNAL_SNDBUF = 8 << 20        # the journal socket's send buffer, as libsystemd asks
+JOURNAL_RETRY_S = 1.0           # journald gone: look for it again this often
+JOURNAL_BACKOFF_S = 0.0002      # journald's socket queue full: try again after this
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # --stuck: a socket that has stayed SECONDS in one of these states (by
 # default those where staying means something is wrong) is reported once
@@ -1843,15 +1849,19 @@ def _reason_json(reason):
             _json_str(reason.reset) if reason.reset else "null")
 
 
-def lost_fields(lost, total, gaps=0, gaps_total=0):
+def lost_fields(lost, total, gaps=0, gaps_total=0, unsent=0, unsent_total=0):
     """The journal record of a period's loss: events lost or skipped by the
-    kernel, and transitions found missing from sockets' histories."""
+    kernel, transitions found missing from sockets' histories, and records
+    that could not be sent to the journal."""
     parts = []
-    if lost or not gaps:
+    if lost or not (gaps or unsent):
         parts.append("lost %d events (%d since start)" % (lost, total))
     if gaps:
         parts.append("found %d transitions missing from sockets' histories (%d since start)"
                      % (gaps, gaps_total))
+    if unsent:
+        parts.append("could not send %d records to the journal (%d since start)"
+                     % (unsent, unsent_total))
     return {
         "MESSAGE": "tcpstates %s: the journal has a gap" % " and ".join(parts),
         "MESSAGE_ID": JOURNAL_LOST_MESSAGE_ID,
@@ -1861,12 +1871,16 @@ def lost_fields(lost, total, gaps=0, gaps_total=0):
         "TCPSTATES_LOST_TOTAL": str(total),
         "TCPSTATES_GAPS": str(gaps),
         "TCPSTATES_GAPS_TOTAL": str(gaps_total),
+        "TCPSTATES_UNSENT": str(unsent),
+        "TCPSTATES_UNSENT_TOTAL": str(unsent_total),
     }
 
 
 def journal_fields(ev, clock, owner, reason=NO_REASON):
     """The journal record of one event, as an ordered dict of fields; owner
-    as ProcessCache.owner gives it, reason as Reasons gives it.
+    as ProcessCache.owner gives it, reason as Reasons gives it. The plain
+    statement of the record: JournalWriter sends the same fields, made
+    faster (journal_entry_function).
 
     Field names are the upstream bcc tool's where it has them, so existing
     queries keep working. OBJECT_PID is the socket's owner, set only while
@@ -1920,39 +1934,349 @@ def journal_fields(ev, clock, owner, reason=NO_REASON):
     return fields
 
 
-class JournalWriter:
-    """Sends records through sender (python-systemd's sendv by default;
-    tests pass their own). If journald goes away mid-run the tracer keeps
-    going: the first failure is reported on stderr, the rest are counted."""
+def native_entry(fields):
+    """A record as one datagram of journald's native protocol
+    (systemd.io/JOURNAL_NATIVE_PROTOCOL): a "KEY=value\n" line per field;
+    a value holding a newline goes in the binary form instead: the key, a
+    newline, the value's length (64-bit little-endian), the value, a
+    newline."""
+    parts = []
+    for key, value in fields.items():
+        data = value.encode("utf-8", "backslashreplace")
+        if b"\n" in data:
+            parts.append(key.encode() + b"\n" + _U64.pack(len(data)) + data + b"\n")
+        else:
+            parts.append(key.encode() + b"=" + data + b"\n")
+    return b"".join(parts)
 
-    def __init__(self, clock, procs, sender, warn, reasons=None):
+
+def journal_entry_function(clock, owner_of, reasons):
+    """A function event tuple -> its record (the fields of journal_fields)
+    in the native protocol, the fast way: two bytes %-formats per event,
+    made once per address family from constant parts, and every text that
+    repeats (addresses, states, names, a close's reason) from bounded
+    caches. No dict and no field-by-field work per event. No value can
+    hold a newline (names are made terminal-safe first), so every field is
+    a plain KEY=value line."""
+    def encoded(compute):
+        return _Cache(lambda key: compute(key).encode("utf-8", "backslashreplace"))
+    a4 = encoded(lambda raw: socket.inet_ntop(socket.AF_INET, raw[:4]))
+    a6 = encoded(lambda raw: socket.inet_ntop(socket.AF_INET6, raw))
+    st = encoded(state_name)
+    cc = encoded(comm_text)
+    text = encoded(str)
+    af_inet, span_known, tcp_close = socket.AF_INET, SPAN_KNOWN, TCP_CLOSE
+    arrow = " \u2192 ".encode()
+
+    def reason_parts(reason):
+        # (the MESSAGE's ending, the reason's fields), as journal_fields has them
+        ending = (": " + reason.phrase).encode() if reason.phrase else b""
+        fields = []
+        if reason.word:
+            fields.append("TCPSTATES_REASON=%s\n" % reason.word)
+        if reason.errno is not None:
+            fields.append("ERRNO=%d\n" % reason.errno)
+        if reason.retries is not None:
+            fields.append("TCPSTATES_RETRIES=%d\n" % reason.retries)
+        if reason.reset:
+            fields.append("TCPSTATES_RESET_REASON=%s\n" % reason.reset)
+        return ending, "".join(fields).encode("utf-8", "backslashreplace")
+    closes = reasons.cached(reason_parts)
+    no_reason = (b"", b"")
+
+    def formats(v, endpoint):
+        # MESSAGE (who, the endpoints, the states[, the span]), the constant
+        # fields, the owner's (a %s, made apart), then the rest.
+        head = (b"MESSAGE=%s: " + endpoint + arrow + endpoint + b" %s" + arrow + b"%s")
+        # (the span's "after", then the reason's ending: %s)
+        middle = ("\nMESSAGE_ID=%s\nPRIORITY=%d\nSYSLOG_IDENTIFIER=%s\n" % (
+            JOURNAL_MESSAGE_ID, LOG_NOTICE, JOURNAL_IDENTIFIER)).encode() + b"%s"
+        body = ("OBJECT_%s_SOURCE_ADDRESS=%%s\nOBJECT_TCP_SOURCE_PORT=%%d\n"
+                "OBJECT_%s_DESTINATION_ADDRESS=%%s\nOBJECT_TCP_DESTINATION_PORT=%%d\n"
+                "OBJECT_TCP_OLD_STATE=%%s\nOBJECT_TCP_NEW_STATE=%%s\n" % (v, v)).encode()
+        tail = ("TCPSTATES_SOCKET=%%x\nTCPSTATES_IP_VERSION=%s\n"
+                "TCPSTATES_EVENT_REALTIME_USEC=%%d\nTCPSTATES_EVENT_MONOTONIC_USEC=%%d\n"
+                "TCPSTATES_ONCPU_PID=%%d\nTCPSTATES_ONCPU_COMM=%%s\n%%s" % v[-1]).encode()
+        with_span = (head + b" after %.3f ms%s" + middle + body + b"OBJECT_TCP_SPAN_TIME=%d\n"
+                     + tail)
+        return with_span, head + b"%s" + middle + body + tail
+    v4 = formats("IPV4", b"%s:%d")
+    v6 = formats("IPV6", b"[%s]:%d")
+    owned_running = (b"OBJECT_PID=%d\nTCPSTATES_OWNER_PID=%d\nTCPSTATES_OWNER_COMM=%s\n"
+                     b"TCPSTATES_OWNER_FROM=%s\n")
+    owned = b"TCPSTATES_OWNER_PID=%d\nTCPSTATES_OWNER_COMM=%s\nTCPSTATES_OWNER_FROM=%s\n"
+
+    def entry(ev):
+        ts, sk, span, pid, _op, lport, rport, family, old, new, flags, \
+            laddr, raddr, comm = ev[:14]
+        if family == af_inet:
+            la, ra, fmt = a4[laddr], a4[raddr], v4
+        else:
+            la, ra, fmt = a6[laddr], a6[raddr], v6
+        owner = owner_of(ev)
+        if owner is None:
+            who, mine = b"unknown owner", b""
+        else:
+            opid, name = owner[0], text[owner[1]]
+            who = b"%s[%d]" % (name, opid)
+            if owner[3]:
+                mine = owned_running % (opid, opid, name, text[owner[2]])
+            else:
+                mine = owned % (opid, name, text[owner[2]])
+        o, n = st[old], st[new]
+        ending, why = closes[ev[8:10] + ev[16:20]] if new == tcp_close else no_reason
+        real = (ts + clock.wall_minus_mono) // 1000
+        if flags & span_known:
+            return fmt[0] % (who, la, lport, ra, rport, o, n, span / 1000, ending, mine,
+                             la, lport, ra, rport, o, n, span,
+                             sk, real, ts // 1000, pid, cc[comm], why)
+        return fmt[1] % (who, la, lport, ra, rport, o, n, ending, mine,
+                         la, lport, ra, rport, o, n,
+                         sk, real, ts // 1000, pid, cc[comm], why)
+    return entry
+
+
+class JournalSocket:
+    """The sender of -Y: journald's native protocol, one datagram per record,
+    on a non-blocking socket connected to JOURNAL_SOCKET. (python-systemd's
+    sendv costs a Python string and an iovec per field, and a blocking send.)
+
+    Called with a record: returns True once sent; False when journald's
+    socket queue is full (journald is busy, not gone: wait a little and call
+    again); raises OSError when journald is not there. Then the socket is
+    dropped and connected again on a later call, at most once every
+    JOURNAL_RETRY_S, so that a journald started anew is found (under
+    systemd the socket outlives a restart of journald, and nothing is
+    noticed at all).
+
+    How many records can wait in the kernel for journald is bounded by
+    journald's socket queue, net.unix.max_dgram_qlen datagrams (the
+    kernel's default, 10, on Debian; systemd's own sysctl.d/50-default.conf
+    makes it 512 elsewhere), and by our send buffer, raised to
+    JOURNAL_SNDBUF (capped at net.core.wmem_max; SO_SNDBUFFORCE, tried
+    first, needs CAP_NET_ADMIN). A blocking send on a full queue would wake
+    the sender for every datagram journald takes: instead the caller backs
+    off for JOURNAL_BACKOFF_S, and sends the next burst."""
+
+    def __init__(self, path=JOURNAL_SOCKET):
+        self.path = path
+        self.sock = None
+        self.error = None
+        self.retry_ns = 0
+
+    def _connect(self):
+        now = time.monotonic_ns()
+        if self.error is not None and now < self.retry_ns:
+            raise self.error
+        self.retry_ns = now + int(JOURNAL_RETRY_S * 1e9)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            for option in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, JOURNAL_SNDBUF)
+                    break
+                except OSError:
+                    pass
+            sock.setblocking(False)
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            self.error = exc
+            raise
+        self.error = None
+        self.sock = sock
+        return sock
+
+    def __call__(self, entry):
+        sock = self.sock or self._connect()
+        try:
+            sock.send(entry)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self.close()
+            self.error = exc
+            raise
+        return True
+
+    def close(self):
+        if self.sock is not None:
+            sock, self.sock = self.sock, None
+            sock.close()
+
+
+class JournalWriter:
+    """Hands records to a sender thread through a bounded queue, so that
+    reading the perf rings never waits on journald.
+
+    The main thread makes each record (journal_entry_function: the owner is
+    looked up while the event is fresh) and queues the batch; the thread
+    sends them in order, through sender (a JournalSocket; tests pass their
+    own: a function of one record that returns False when it could not send
+    it yet, anything else once sent, and raises OSError on failure). Every
+    event record handed over is sent or counted as not sent (unsent):
+      dropped    the queue held JOURNAL_QUEUE records already (journald
+                 has fallen behind for seconds): the newest are not queued
+      failed     the sender raised (journald is not there): tracing goes
+                 on; the first failure is reported once (warning())
+      at finish  those still queued when the stop grace ran out
+    Loss records (lost()) are queued even when the queue is full, and are
+    not counted: they say what the counts are (in the journal; stderr has
+    them in any case). The thread runs with the stop signals blocked, so
+    that they reach the main thread, which alone handles them."""
+
+    def __init__(self, clock, procs, sender, limit=JOURNAL_QUEUE, reasons=None):
         self.clock = clock
         self.procs = procs
+        self.entry = journal_entry_function(clock, procs.owner, reasons or Reasons())
         self.sender = sender
-        self.warn = warn
-        self.unsent = 0
-        self.reasons = reasons or Reasons()
+        self.limit = limit
+        self.handed = 0             # event records handed over (queued or dropped)
+        self.sent = 0               # written by the thread only
+        self.failed = 0             # written by the thread only
+        self.dropped = 0            # written by the main thread only
+        self.error = None           # the first failure, for warning()
+        self._warned = False
+        self._batches = collections.deque()
+        self._queued = 0
+        self._closing = False
+        self._abort = False
+        self._wake = threading.Condition()
+        self._thread = None
 
-    def _send(self, fields):
+    @property
+    def unsent(self):
+        """Records not sent: dropped and failed; from finish() on, also those
+        still queued."""
+        if self._closing:
+            return self.handed - self.sent
+        return self.dropped + self.failed
+
+    def start(self):
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        # The thread inherits the signal mask: block the stop signals around
+        # its start, and a signal in between waits for the main thread.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self.sender(*["%s=%s" % item for item in fields.items()])
-        except OSError as exc:
-            if not self.unsent:
-                self.warn("journal: sending a record failed (%s); tracing goes on, "
-                          "unsent records are counted" % (exc.strerror or exc))
-            self.unsent += 1
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
-    def event(self, ev):
-        self._send(journal_fields(ev, self.clock, self.procs.owner(ev), self.reasons(ev)))
-
-    def lost(self, lost, total, gaps=0, gaps_total=0):
-        self._send(lost_fields(lost, total, gaps, gaps_total))
+    def events(self, ready):
+        """Queue the records of a batch of events; those that do not fit are
+        counted, not made."""
+        self.handed += len(ready)
+        room = self.limit - self._queued       # only the thread lowers it
+        if room < len(ready):
+            self.dropped += len(ready) - max(room, 0)
+            ready = ready[:max(room, 0)]
+        if ready:
+            entry = self.entry
+            self._put([entry(ev) for ev in ready], True)
 
     def stuck(self, ev):
-        self._send(stuck_fields(ev, self.clock, self.procs.owner(ev)))
+        """Queue a --stuck report's record (counted like an event's)."""
+        self._one(native_entry(stuck_fields(ev, self.clock, self.procs.owner(ev))))
 
     def lifecycle(self, life):
-        self._send(lifecycle_fields(life, self.clock))
+        """Queue a --lifecycle row's record (counted like an event's)."""
+        self._one(native_entry(lifecycle_fields(life, self.clock)))
+
+    def _one(self, record):
+        self.handed += 1
+        if self._queued >= self.limit:
+            self.dropped += 1
+        else:
+            self._put([record], True)
+
+    def lost(self, lost, total, gaps=0, gaps_total=0, unsent=0, unsent_total=0):
+        self._put([native_entry(lost_fields(lost, total, gaps, gaps_total,
+                                            unsent, unsent_total))], False)
+
+    def _put(self, records, counted):
+        with self._wake:
+            self._batches.append((records, counted))
+            self._queued += len(records)
+            self._wake.notify()
+        if self._thread is None:            # not started (tests): send now
+            self._send_queued()
+
+    def _send_queued(self):
+        while True:
+            with self._wake:
+                if not self._batches:
+                    return
+                batch, counted = self._batches.popleft()
+                self._queued -= len(batch)
+            self._send(batch, counted)
+
+    def _run(self):
+        wake = self._wake
+        while True:
+            with wake:
+                while not self._batches and not self._closing:
+                    wake.wait()
+                if not self._batches:
+                    return
+            self._send_queued()
+            if self._abort:
+                return
+
+    def _send(self, batch, counted):
+        send, sleep = self.sender, time.sleep
+        for record in batch:
+            while not self._abort:
+                try:
+                    if send(record) is not False:
+                        self.sent += counted
+                        break
+                except OSError as exc:
+                    if self.error is None:
+                        self.error = exc
+                    self.failed += counted
+                    break
+                sleep(JOURNAL_BACKOFF_S)        # journald's queue is full
+            else:
+                return          # abandoned: finish() counts them
+
+    def warning(self):
+        """The first failure, once, as a line for stderr (or None)."""
+        if self.error is None or self._warned:
+            return None
+        self._warned = True
+        return ("journal: sending a record failed (%s); tracing goes on, unsent "
+                "records are counted" % (self.error.strerror or self.error))
+
+    def finish(self, stop):
+        """Let the thread send what is queued, and end it. It may take as long
+        as journald needs; after a stop request not past its deadline: the
+        records left then are not sent (see unsent)."""
+        if self._thread is None:
+            self._closing = True
+            return
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        while self._thread.is_alive():
+            deadline = stop.deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                self.close()
+                return
+            self._thread.join(WAIT_STEP_MS / 1000)
+
+    def close(self):
+        """Stop the thread now (a failed run, or the grace is over): it gives
+        up within one back-off. (Were it stuck in a sender that blocks, it
+        could still send one record: unsent would be one too many.)"""
+        self._closing = True
+        if self._thread is None:
+            return
+        with self._wake:
+            self._abort = True
+            self._wake.notify()
+        self._thread.join(WAIT_STEP_MS / 1000)
 
 
 # -- Output, continued: metrics for Prometheus (--metrics, --metrics-file) --
@@ -2470,15 +2794,6 @@ def import_bcc():
         raise Fatal("BCC's Python bindings are missing; install python3-bpfcc "
                     "and run tcpstates with /usr/bin/python3") from None
     return bcc
-
-
-def import_journal_sender():
-    try:
-        from systemd import journal
-    except ImportError:
-        raise Fatal("-Y needs python-systemd; install python3-systemd and run "
-                    "tcpstates with /usr/bin/python3") from None
-    return journal.sendv
 
 
 def check_journald(path=JOURNAL_SOCKET):
@@ -3616,9 +3931,10 @@ class Ledger:
                     blocked past the stop grace
       late          events given out after a later one (out of order), and
                     facts about a row's reason that came after the row had
-                    gone out (the row shows what was known)"""
+                    gone out (the row shows what was known)
+      unsent        with -Y, journal records not sent (see JournalWriter)"""
 
-    FIELDS = ("printed", "lost", "skipped", "gaps", "not_written", "late")
+    FIELDS = ("printed", "lost", "skipped", "gaps", "not_written", "late", "unsent")
 
     def __init__(self):
         for name in self.FIELDS:
@@ -3956,7 +4272,8 @@ class Tracer:
             self.metrics = Metrics(args.metrics_by or (), local_port_range(), warn=self.warn)
         if journal_sender is not None:
             self.journal = JournalWriter(self.formatter.clock, self.formatter.procs,
-                                         journal_sender, self.warn, self.formatter.reasons)
+                                         journal_sender, args.journal_queue,
+                                         self.formatter.reasons)
         # A service discards stdout (its records go to the journal): then
         # rows are not even formatted; nor with --quiet.
         self.write_rows = not (args.quiet or _is_devnull(out))
@@ -4037,6 +4354,8 @@ class Tracer:
             self.program.detach()
 
     def close(self):
+        if self.journal is not None:
+            self.journal.close()
         if self.rings is not None:
             rings, self.rings = self.rings, None
             rings.close()
@@ -4050,6 +4369,8 @@ class Tracer:
         """Trace until a stop signal, --duration or --count; then detach and
         give out everything read. Output that stays blocked past the stop
         grace ends it early: what was read and not written is counted."""
+        if self.journal is not None:
+            self.journal.start()
         try:
             if self.write_rows:
                 self.out.write_text((self.life_rows or self.formatter).header())
@@ -4064,6 +4385,13 @@ class Tracer:
             self.ledger.not_written += len(self.reorder.pending)
             self.reorder.pending.clear()
         self.report_lost(final=True)
+        if self.journal is not None:
+            # What journald has not taken yet, within the stop grace.
+            self.journal.finish(self.stop)
+            self.ledger.unsent = self.journal.unsent
+            failure = self.journal.warning()
+            if failure:
+                self.warn(failure)
         if self.stuck is not None:
             self.warn(self.stuck.summary())
         if self.lifecycles is not None:
@@ -4132,9 +4460,7 @@ class Tracer:
                 ledger.not_written += len(ready) - exc.rows
                 raise
         if self.journal is not None:
-            send = self.journal.event
-            for ev in ready:
-                send(ev)
+            self.journal.events(ready)
         ledger.printed += len(ready)
 
     def _drain_lifecycles(self, ready):
@@ -4200,11 +4526,13 @@ class Tracer:
             ledger.gaps = self.program.percpu_sum("counters", COUNT_GAP)
             ledger.lost = max(submit_failed, ledger.lost_records)
         ledger.late = self.reorder.late
+        if self.journal is not None:
+            ledger.unsent = self.journal.unsent
         if self.metrics is not None:
             self.metrics.set_lost(
                 perf_buffer=ledger.lost, kernel_skip=ledger.skipped if self.skipped_known else None,
                 gap=ledger.gaps, not_written=ledger.not_written,
-                journal=self.journal.unsent if self.journal is not None else 0)
+                journal=ledger.unsent)
 
     def report_lost(self, final=False):
         """Losses, as they happen: at most one stderr line (and with -Y one
@@ -4215,8 +4543,12 @@ class Tracer:
         self.report_ns = now
         self.read_counters()
         ledger = self.ledger
+        if self.journal is not None:
+            failure = self.journal.warning()
+            if failure:
+                self.warn(failure)
         new = {name: getattr(ledger, name) - ledger.reported[name]
-               for name in ("lost", "skipped", "gaps")}
+               for name in ("lost", "skipped", "gaps", "unsent")}
         if not any(new.values()):
             return
         ledger.reported.update((name, getattr(ledger, name)) for name in new)
@@ -4232,10 +4564,14 @@ class Tracer:
         if new["gaps"]:
             parts.append("%d transitions missing from sockets' histories (%d in all)"
                          % (new["gaps"], ledger.gaps))
+        if new["unsent"]:
+            parts.append("%d journal records not sent (%d in all)%s"
+                         % (new["unsent"], ledger.unsent,
+                            ": journald fell behind" if self.journal.dropped else ""))
         self.warn("; ".join(parts))
         if self.journal is not None:
             self.journal.lost(new["lost"] + new["skipped"], ledger.lost + ledger.skipped,
-                              new["gaps"], ledger.gaps)
+                              new["gaps"], ledger.gaps, new["unsent"], ledger.unsent)
 
     def summary(self):
         ledger = self.ledger
@@ -4246,7 +4582,7 @@ class Tracer:
         text += ", %d gaps, %d not written, %d late" % (
             ledger.gaps, ledger.not_written, ledger.late)
         if self.journal is not None:
-            text += ", %d journal records not sent" % self.journal.unsent
+            text += ", %d journal records not sent" % ledger.unsent
         return text
 
 
@@ -4379,6 +4715,12 @@ def pid_arg(text):
 def _max_sockets(text):
     if not (text.isascii() and text.isdigit()) or not 64 <= int(text) <= 1 << 24:
         raise argparse.ArgumentTypeError("invalid map size %r: 64 to 16777216" % text)
+    return int(text)
+
+
+def _journal_queue(text):
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1 << 24:
+        raise argparse.ArgumentTypeError("invalid queue size %r: 1 to 16777216" % text)
     return int(text)
 
 
@@ -4521,6 +4863,10 @@ def build_parser():
     # Transitions into this state are dropped as if the kernel had skipped
     # them: a test knob, to check that gaps are found.
     parser.add_argument("--test-skip", type=state_list, metavar="STATE", help=argparse.SUPPRESS)
+    # How many records may wait for journald (-Y): a test knob, to fill the
+    # queue on purpose.
+    parser.add_argument("--journal-queue", type=_journal_queue, default=JOURNAL_QUEUE,
+                        help=argparse.SUPPRESS)
     return parser
 
 
@@ -4586,8 +4932,8 @@ def main(argv=None):
         check_kernel_headers()
         sender = None
         if args.journal:
-            sender = import_journal_sender()
             check_journald()
+            sender = JournalSocket()
         tracer = Tracer(args, sys.stdout, sender, stop=stop)
         if tracer.metrics is not None:
             # listening and writable before the compile and the attach

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -98,42 +99,201 @@ def test_no_field_is_journalds_own():
         assert not [k for k in fields_of(ev) if k.startswith("_")]
 
 
+def parse_entry(data):
+    """A native-protocol datagram back into {field: value}, both forms."""
+    fields, i = {}, 0
+    while i < len(data):
+        line_end = data.index(b"\n", i)
+        line = data[i:line_end]
+        if b"=" in line:
+            key, _, value = line.partition(b"=")
+            i = line_end + 1
+        else:
+            key = line
+            size = int.from_bytes(data[line_end + 1:line_end + 9], "little")
+            value = data[line_end + 9:line_end + 9 + size]
+            assert data[line_end + 9 + size:line_end + 10 + size] == b"\n"
+            i = line_end + 10 + size
+        assert key.decode() not in fields
+        fields[key.decode()] = value.decode()
+    return fields
+
+
+OWNERS = {
+    "running": FakeProcs(),
+    "exited": FakeProcs({}),
+    "hostile": FakeProcs(name="a\\x1b[31m \u2192 x", cgroup="/system.slice/x.service"),
+}
+EVENTS = [
+    make_event(), v6_event(), make_event(flags=0), make_event(flags=tcpstates.OWNER_KNOWN),
+    make_event(flags=tcpstates.OWNER_KNOWN | tcpstates.OWNER_INHERITED),
+    v6_event(flags=tcpstates.SPAN_KNOWN), make_event(oldstate=14, newstate=99, span_us=0),
+    make_event(comm=b"\xff\x1b]0;x\n".ljust(16, b"\0"), lport=0, rport=65535),
+    make_event(span_us=2 ** 40 + 7, ts_ns=2 ** 62 + 12345, skaddr=2 ** 64 - 1),
+    # moves to CLOSE, with and without what the kernel said of them
+    make_event(oldstate=2, newstate=7, rflags=tcpstates.R_RST_RECEIVED | tcpstates.R_ERRNO
+               | tcpstates.R_RETRIES, error=111),
+    v6_event(oldstate=1, newstate=7, rflags=tcpstates.R_RST_SENT | tcpstates.R_RST_REASON,
+             rst_reason=14, flags=0),
+    make_event(oldstate=1, newstate=7, rflags=tcpstates.R_ERRNO, error=104),
+    make_event(oldstate=2, newstate=7, rflags=tcpstates.R_ERRNO | tcpstates.R_RETRIES,
+               error=110, retries=6),
+    make_event(oldstate=10, newstate=7), make_event(oldstate=4, newstate=7),
+]
+
+
+@pytest.mark.parametrize("owners", sorted(OWNERS))
+@pytest.mark.parametrize("index", range(len(EVENTS)))
+def test_fast_records_are_journal_fields(owners, index):
+    """What is sent is the plain statement, journal_fields, to the byte."""
+    clock = tcpstates.Clock()
+    clock.wall_minus_mono = 1_700_000_000_123_456_789
+    procs = OWNERS[owners]
+    ev = EVENTS[index]
+    from helpers import RESET_NAMES
+    reasons = tcpstates.Reasons(RESET_NAMES)
+    sent = tcpstates.journal_entry_function(clock, procs.owner, reasons)(tuple(ev))
+    expected = tcpstates.journal_fields(ev, clock, procs.owner(ev), reasons(ev))
+    assert list(parse_entry(sent).items()) == list(expected.items())
+    assert sent == tcpstates.native_entry(expected)
+
+
+def test_native_entry_binary_form_for_newlines():
+    data = tcpstates.native_entry({"MESSAGE": "two\nlines", "PRIORITY": "4", "X": "\u2192"})
+    assert data == (b"MESSAGE\n" + (9).to_bytes(8, "little") + b"two\nlines\n"
+                    b"PRIORITY=4\nX=\xe2\x86\x92\n")
+    assert parse_entry(data) == {"MESSAGE": "two\nlines", "PRIORITY": "4", "X": "\u2192"}
+
+
 def test_writer_uses_the_injected_sender():
     sent = []
-    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), lambda *a: sent.append(a),
-                                     None)
-    writer.event(make_event())
-    assert sent[0][0].startswith("MESSAGE=curl[4242]: ")
-    assert "OBJECT_PID=4242" in sent[0] and "OBJECT_TCP_SPAN_TIME=300206" in sent[0]
-    writer.lost(3, 10)
-    assert "TCPSTATES_LOST=3" in sent[1] and "PRIORITY=4" in sent[1]
-    assert "MESSAGE_ID=%s" % tcpstates.JOURNAL_LOST_MESSAGE_ID in sent[1]
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), sent.append)
+    writer.events([tuple(make_event())])
+    first = parse_entry(sent[0])
+    assert first["MESSAGE"].startswith("curl[4242]: ")
+    assert first["OBJECT_PID"] == "4242" and first["OBJECT_TCP_SPAN_TIME"] == "300206"
+    writer.lost(3, 10, 0, 0, 5, 8)
+    loss = parse_entry(sent[1])
+    assert loss["TCPSTATES_LOST"] == "3" and loss["PRIORITY"] == "4"
+    assert loss["TCPSTATES_UNSENT"] == "5" and loss["TCPSTATES_UNSENT_TOTAL"] == "8"
+    assert loss["MESSAGE_ID"] == tcpstates.JOURNAL_LOST_MESSAGE_ID
+    assert "could not send 5 records to the journal (8 since start)" in loss["MESSAGE"]
+    assert writer.unsent == 0 and writer.sent == 1        # loss records are not counted
+
+
+def test_lost_record_of_unsent_alone():
+    f = tcpstates.lost_fields(0, 0, 0, 0, 7, 9)
+    assert f["MESSAGE"] == ("tcpstates could not send 7 records to the journal (9 since "
+                            "start): the journal has a gap")
 
 
 def test_writer_counts_failures_and_warns_once():
-    warnings = []
-
-    def down(*fields):
+    def down(record):
         raise ConnectionRefusedError(111, "Connection refused")
-    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), down, warnings.append)
-    for _ in range(5):
-        writer.event(make_event())
-    assert writer.unsent == 5
-    assert len(warnings) == 1 and "Connection refused" in warnings[0]
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), down)
+    writer.events([tuple(make_event())] * 5)
+    assert writer.unsent == 5 and writer.failed == 5
+    assert "Connection refused" in writer.warning()
+    assert writer.warning() is None
 
 
-def test_missing_python_systemd(monkeypatch, capsys):
+class Gate:
+    """A sender that holds every record until opened; records what it got,
+    and the signals blocked in the thread that called it."""
+
+    def __init__(self):
+        self.open = threading.Event()
+        self.got = []
+        self.blocked = None
+
+    def __call__(self, record):
+        self.blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        if not self.open.wait(0.01):
+            return False            # journald's queue is full: try again
+        self.got.append(record)
+        return True
+
+
+class Stop:
+    deadline = None
+
+
+def test_sender_thread_queue_overflow_is_counted():
+    gate = Gate()
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), gate, limit=4)
+    writer.start()
+    try:
+        writer.events([tuple(make_event(skaddr=n)) for n in range(10)])
+        assert writer.dropped == 6 and writer.unsent == 6
+        writer.lost(0, 0, 0, 0, 6, 6)             # a loss record always fits
+        assert writer.dropped == 6
+        # The stop signals go to the main thread, never to the sender.
+        assert helpers.wait_for(lambda: gate.blocked is not None, 5)
+        assert set(tcpstates.STOP_SIGNALS) <= gate.blocked
+        gate.open.set()
+        writer.finish(Stop())                     # no stop: waits for all
+    finally:
+        writer.close()
+    assert [parse_entry(r)["TCPSTATES_SOCKET"] for r in gate.got[:4]] == ["0", "1", "2", "3"]
+    assert "TCPSTATES_UNSENT" in parse_entry(gate.got[4])
+    assert writer.sent == 4 and writer.unsent == 6 and writer.handed == 10
+
+
+def test_sender_gives_up_at_the_stop_deadline_and_counts_what_is_left():
+    gate = Gate()                                 # never opened: journald stuck
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), gate)
+    writer.start()
+    writer.events([tuple(make_event())] * 100)
+    stop = Stop()
+    stop.deadline = time.monotonic() + 0.3
+    began = time.monotonic()
+    writer.finish(stop)
+    assert time.monotonic() - began < 1.5
+    assert not writer._thread.is_alive()
+    assert writer.sent == 0 and writer.unsent == 100
+
+
+def test_journal_socket_sends_backs_off_and_finds_a_new_journald(tmp_path, monkeypatch):
+    path = str(tmp_path / "socket")
+    monkeypatch.setattr(tcpstates, "JOURNAL_RETRY_S", 0)
+
+    def listen():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        return sock
+    journald = listen()
+    sender = tcpstates.JournalSocket(path)
+    assert sender(b"A=1\n") is True
+    assert journald.recv(100) == b"A=1\n"
+    # Nobody reads: the socket queue fills, and the sender says so at once.
+    results = [sender(b"B=%d\n" % n) for n in range(2000)]
+    assert results[0] is True and results[-1] is False
+    # journald goes away: an error; a new one at the same path is found.
+    journald.close()
+    with pytest.raises(OSError):
+        sender(b"C=1\n")
+    os.unlink(path)
+    with pytest.raises(OSError):                  # nothing listens yet
+        sender(b"C=2\n")
+    journald = listen()
+    assert sender(b"C=3\n") is True
+    assert journald.recv(100) == b"C=3\n"
+    sender.close()
+    journald.close()
+
+
+def test_y_does_not_need_python_systemd(monkeypatch):
+    """-Y speaks journald's protocol itself: python-systemd is not needed."""
     monkeypatch.setitem(sys.modules, "systemd", None)
-    monkeypatch.setattr(tcpstates, "check_privileges", lambda: None)
-    monkeypatch.setattr(tcpstates, "check_tracepoint", lambda: None)
-    monkeypatch.setattr(tcpstates, "check_kernel_headers", lambda: None)
-    loaded = []
-    monkeypatch.setattr(tcpstates.Tracer, "load", lambda self: loaded.append(1))
-    assert tcpstates.main(["-Y"]) == 1
-    err = capsys.readouterr().err.splitlines()
-    assert err == ["tcpstates: -Y needs python-systemd; install python3-systemd and run "
-                   "tcpstates with /usr/bin/python3"]
-    assert loaded == []     # nothing compiled or attached
+    for check in ("check_privileges", "check_tracepoint", "check_kernel_headers",
+                  "check_journald"):
+        monkeypatch.setattr(tcpstates, check, lambda: None)
+    ran = []
+    monkeypatch.setattr(tcpstates.Tracer, "load", lambda self: None)
+    monkeypatch.setattr(tcpstates.Tracer, "run", lambda self: ran.append(self.journal))
+    monkeypatch.setattr(tcpstates.Tracer, "warn", lambda self, message: None)
+    assert tcpstates.main(["-Y"]) == 0
+    assert isinstance(ran[0].sender, tcpstates.JournalSocket)
 
 
 # -- unit file, catalog, install -------------------------------------------
@@ -451,7 +611,6 @@ def test_reason_fields_and_message():
 
 def test_journal_writer_sends_reasons():
     sent = []
-    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), lambda *a: sent.append(a),
-                                     print)
-    writer.event(make_event(oldstate=10, newstate=7))
-    assert "TCPSTATES_REASON=listener-closed" in sent[0]
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), sent.append)
+    writer.events([tuple(make_event(oldstate=10, newstate=7))])
+    assert b"\nTCPSTATES_REASON=listener-closed\n" in sent[0]
