@@ -33,6 +33,8 @@ LOADGEN_SOURCE = os.path.join(ROOT, "bench", "loadgen.c")
 OWNER_PROCS = os.path.join(TESTS, "owner_procs.py")
 SLOW_READER = os.path.join(TESTS, "slow_reader.py")
 JOURNALD_DIES = os.path.join(TESTS, "journald_dies.py")
+JOURNALD_RATELIMIT = os.path.join(TESTS, "journald_ratelimit.py")
+JOURNALD_STALLS = os.path.join(TESTS, "journald_stalls.py")
 
 CLIENT_SEQUENCE = [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"),
                    ("ESTABLISHED", "FIN_WAIT1"), ("FIN_WAIT1", "FIN_WAIT2"),
@@ -257,13 +259,20 @@ def kill_quietly(proc):
 
 
 class TracerRun:
-    """tcpstates.py running as a child process, its stdout read by a thread."""
+    """tcpstates.py running as a child process, its stdout read by a thread;
+    in the cgroup (a v2 directory) if given, from its first instruction."""
 
-    def __init__(self, *args, ready_timeout=60, stdout=subprocess.PIPE):
+    def __init__(self, *args, ready_timeout=60, stdout=subprocess.PIPE, cgroup=None):
         self.args = list(args)
+
+        def preexec():
+            default_sigint()
+            if cgroup:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
         self.proc = subprocess.Popen(
             [sys.executable, TOOL] + self.args, stdout=stdout,
-            stderr=subprocess.PIPE, preexec_fn=default_sigint)
+            stderr=subprocess.PIPE, preexec_fn=preexec)
         self.lines = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -539,6 +548,42 @@ def read_journal(pid, *match, file=None):
         argv.insert(1, "--file=%s" % file)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
     return [json.loads(l) for l in out.splitlines()]
+
+
+def cgroup2_root(mountinfo="/proc/self/mountinfo"):
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or
+    /sys/fs/cgroup/unified on a hybrid host), or None."""
+    with open(mountinfo) as f:
+        for line in f:
+            before, _, after = line.partition(" - ")
+            if after.split()[:1] == ["cgroup2"]:
+                return before.split()[4]
+    return None
+
+
+_TIME_UNITS = {"us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 10 ** 6, "sec": 10 ** 6,
+               "": 10 ** 6, "min": 60 * 10 ** 6, "h": 3600 * 10 ** 6}
+
+
+def unit_rate_limit_exports(unit_text, unit="tcpstates.service"):
+    """What systemd (PID 1) tells journald of a unit's LogRateLimitIntervalSec=
+    and LogRateLimitBurst=: {path: value} of the symlinks it makes in
+    /run/systemd/units/ when it starts the unit, which journald reads for
+    the unit's messages. A setting that is 0 or absent is not exported
+    (src/core/unit.c, unit_export_log_ratelimit_interval and _burst):
+    journald's own defaults then apply."""
+    settings = dict(re.findall(r"^(LogRateLimit\w+)=(.*)$", unit_text, re.M))
+    exports = {}
+    interval = settings.get("LogRateLimitIntervalSec", "").strip()
+    if interval:
+        m = re.fullmatch(r"(\d+)\s*([a-z]*)", interval)
+        usec = int(m.group(1)) * _TIME_UNITS[m.group(2)]
+        if usec:
+            exports["/run/systemd/units/log-rate-limit-interval:" + unit] = str(usec)
+    burst = int(settings.get("LogRateLimitBurst", "0") or 0)
+    if burst:
+        exports["/run/systemd/units/log-rate-limit-burst:" + unit] = str(burst)
+    return exports
 
 
 def wait_journal(pid, count, *match, timeout=10):

@@ -523,6 +523,117 @@ def test_journald_dying_mid_run_is_survived():
                                                  "unsent": 7}
 
 
+@pytest.mark.live
+def test_journald_falling_behind_is_counted_and_reported(loadgen):
+    """journald stops taking records (SIGSTOP) while the tracer runs with a
+    queue of 20: the records it could not queue are counted (summary, stderr
+    line, PRIORITY 4 records), and with journald stuck a stop still ends
+    within the grace, counting what was left."""
+    script = ("mount -t tmpfs tmpfs /run || exit 9; "
+              "if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal || exit 9; fi; "
+              'exec "$0" "$1" "$2"')
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                             sys.executable, helpers.JOURNALD_STALLS, loadgen],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    for name, r in report.items():
+        assert r["rc"] == 0 and r["rows"] == r["expected"], (name, r)
+        unsent = helpers.summary(r["stderr"])["unsent"]
+        assert unsent > 0, (name, r)
+        # every event: stored, or counted as not sent
+        assert r["stored"] + unsent == r["expected"], (name, r)
+        assert "journal records not sent" in r["stderr"] and "journald fell behind" in r["stderr"]
+    r = report["overflow"]
+    assert r["losses"] and all(loss["PRIORITY"] == "4" for loss in r["losses"]), r
+    assert r["losses"][-1]["TCPSTATES_UNSENT_TOTAL"] == str(helpers.summary(r["stderr"])["unsent"])
+    assert r["stored"] >= 20                      # the queue's, once journald came back
+    # journald stuck at the stop: the 2 s grace bounds the wait for it
+    assert report["stuck"]["stop_s"] < 4, report["stuck"]
+
+
+def test_unit_lifts_journalds_rate_limit_as_systemd_passes_it_on():
+    """What systemd tells journald of the unit's LogRateLimit* settings (the
+    live test below gives journald exactly that). A unit's 0 is "not set":
+    it would leave journald's defaults in force."""
+    with open(os.path.join(ROOT, "systemd", "tcpstates.service")) as f:
+        exports = helpers.unit_rate_limit_exports(f.read())
+    interval = int(exports["/run/systemd/units/log-rate-limit-interval:tcpstates.service"])
+    burst = int(exports["/run/systemd/units/log-rate-limit-burst:tcpstates.service"])
+    assert burst / (interval / 1e6) >= 500_000          # records a second, per priority
+    assert helpers.unit_rate_limit_exports("LogRateLimitIntervalSec=0\n") == {}
+    assert helpers.unit_rate_limit_exports("LogRateLimitIntervalSec=500ms\n") == {
+        "/run/systemd/units/log-rate-limit-interval:tcpstates.service": "500000"}
+
+
+@pytest.mark.live
+def test_journald_rate_limit_drops_records_and_the_unit_lifts_it(loadgen):
+    """journald rate-limits a service by its cgroup: run as a unit without
+    settings, most records are dropped (and tcpstates cannot know); with the
+    unit's settings, none. Without systemd as PID 1: see journald_ratelimit.py."""
+    root = helpers.cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    slice_dir = os.path.join(root, "system.slice")
+    cgroup = os.path.join(slice_dir, "tcpstates.service")
+    made = [d for d in (slice_dir, cgroup) if not os.path.exists(d)]
+    for d in made:
+        os.mkdir(d)
+    # Private tmpfs over /run, /etc/systemd (a journald.conf of the test's:
+    # 50 records every 2 s; journald scales the burst up a little with free
+    # space) and /var/log/journal: the host's stay untouched.
+    script = ("mount -t tmpfs -o size=256m tmpfs /run || exit 9; "
+              "if [ -d /var/log/journal ]; then "
+              "mount -t tmpfs -o size=256m tmpfs /var/log/journal || exit 9; fi; "
+              "mount -t tmpfs tmpfs /etc/systemd || exit 9; "
+              "printf '[Journal]\\nRateLimitIntervalSec=2s\\nRateLimitBurst=50\\n' "
+              "> /etc/systemd/journald.conf || exit 9; "
+              'exec "$0" "$1" "$2" "$3"')
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                             sys.executable, helpers.JOURNALD_RATELIMIT, loadgen, cgroup],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        for d in reversed(made):
+            helpers.wait_for(lambda: not open(os.path.join(d, "cgroup.procs")).read(), 5)
+            os.rmdir(d)
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    for phase in ("defaults", "unit"):
+        r = report[phase]
+        assert r["rc"] == 0 and r["rows"] == r["expected"], r
+        assert r["units"] == ["tcpstates.service"], r          # attributed by cgroup
+        # tcpstates handed every record to journald: it sees no loss
+        assert helpers.summary(r["stderr"])["unsent"] == 0, r
+    # As a unit without settings: journald dropped most records, and says
+    # how many only in its own "Suppressed" line.
+    r = report["defaults"]
+    assert r["stored"] < r["expected"] / 2, r
+    assert len(r["dropped"]) == 1, r
+    suppressed = int(re.fullmatch(r"Suppressed (\d+) messages from tcpstates\.service",
+                                  r["dropped"][0]).group(1))
+    assert r["stored"] + suppressed == r["expected"], r
+    # With the unit's settings, as systemd passes them on: every record.
+    r = report["unit"]
+    assert r["stored"] == r["expected"] and r["dropped"] == [], r
+
+
 @pytest.mark.usefixtures("journald")
 def test_records_forwarded_to_a_central_journal(tmp_path, installed):
     """-Y records -> local journald -> systemd-journal-upload -> HTTP ->
