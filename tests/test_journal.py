@@ -350,8 +350,10 @@ def test_unit_file_verifies_clean(installed, tmp_path):
     assert "ExecStart=/usr/sbin/tcpstates -Y\n" in unit
     # stdout would reach the journal too: each event stored twice.
     assert "StandardOutput=null\n" in unit
-    # journald's per-unit rate limit would drop records uncounted
-    assert "LogRateLimitIntervalSec=0\n" in unit
+    # journald's per-unit rate limit would drop records uncounted; a 0
+    # would not reach journald at all (see unit_rate_limit_exports)
+    exported = helpers.unit_rate_limit_exports(unit)
+    assert sorted(exported.values()) == ["1000000", "1000000"], exported
     # the program cache must be writable under ProtectSystem=strict
     assert "CacheDirectory=tcpstates\n" in unit
 
