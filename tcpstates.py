@@ -4619,8 +4619,9 @@ orderly FIN exchange), listener-closed, or - when the kernel did not say.
 REASONS in tcpstates(8) says how each is found.
 
 At exit one line goes to stderr: "summary: N printed, N lost, N skipped by
-the kernel, N gaps, N not written, N late" (LOSS ACCOUNTING in tcpstates(8)
-says what each counts); nothing the kernel made is missing from it.
+the kernel, N gaps, N not written, N late" (with -Y also "N journal records
+not sent"; LOSS ACCOUNTING in tcpstates(8) says what each counts); nothing
+the kernel made is missing from it.
 """
 
 
