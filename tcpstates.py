@@ -2039,7 +2039,9 @@ def journal_entry_function(clock, owner_of, reasons):
 class JournalSocket:
     """The sender of -Y: journald's native protocol, one datagram per record,
     on a non-blocking socket connected to JOURNAL_SOCKET. (python-systemd's
-    sendv costs a Python string and an iovec per field, and a blocking send.)
+    sendv costs a Python string and an iovec per field, and its send blocks
+    while journald's queue is full, holding Python's global lock, so that
+    the main thread could not read the rings meanwhile.)
 
     Called with a record: returns True once sent; False when journald's
     socket queue is full (journald is busy, not gone: wait a little and call
@@ -2283,8 +2285,8 @@ class JournalWriter:
 # This part is kept whole, its constants included (against the house order
 # of constants first), so that the metrics read, and merge, as one piece.
 # The client library (python3-prometheus-client) is imported only by the
-# functions that talk to it, as python-systemd is for -Y: without a metrics
-# option tcpstates neither needs nor loads it.
+# functions that talk to it: without a metrics option tcpstates neither
+# needs nor loads it.
 #
 # Per event the cost is a few C-level operations: events are counted a whole
 # batch at a time (Metrics.add, from Tracer._drain) into plain dicts, and the
