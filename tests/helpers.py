@@ -586,6 +586,34 @@ def unit_rate_limit_exports(unit_text, unit="tcpstates.service"):
     return exports
 
 
+def run_private_journal(script, *args, setup="", timeout=120):
+    """Run one of the tests' scripts (which start a journald of their own)
+    in a private mount namespace, with tmpfs over /run and /var/log/journal
+    (when the host has one): the host's journal, sockets and directories
+    stay untouched. setup: more shell commands to run first. In its own
+    process group, killed whole at the end, so that nothing it started is
+    left running after a timeout. The script imports helpers, which imports
+    the tool: the root is on its PYTHONPATH. Returns (returncode, stdout,
+    stderr)."""
+    shell = ("mount -t tmpfs -o size=256m tmpfs /run || exit 9; "
+             "if [ -d /var/log/journal ]; then "
+             "mount -t tmpfs -o size=256m tmpfs /var/log/journal || exit 9; fi; "
+             + setup + 'exec "$0" "$@"')
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", shell,
+                             sys.executable, script] + [str(a) for a in args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return proc.returncode, out, err
+
+
 def wait_journal(pid, count, *match, timeout=10):
     """read_journal until it holds count records or timeout seconds pass."""
     deadline = time.monotonic() + timeout

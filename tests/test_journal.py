@@ -493,27 +493,8 @@ def test_journald_not_running_is_one_line():
 @pytest.mark.live
 def test_journald_dying_mid_run_is_survived():
     port = helpers.free_port()
-    # Private tmpfs over /run (and /var/log/journal if the host has one):
-    # the host's journal, sockets and directories stay untouched.
-    script = ("mount -t tmpfs tmpfs /run || exit 9; "
-              "if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal || exit 9; fi; "
-              'exec "$0" "$1" "$2"')
-    # Its own process group: on a timeout the journald and tracer it
-    # started are killed with it, not left running. (It imports helpers,
-    # which imports the tool: the root is on its PYTHONPATH.)
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                             sys.executable, helpers.JOURNALD_DIES, str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert proc.returncode == 0, err
+    rc, out, err = helpers.run_private_journal(helpers.JOURNALD_DIES, port)
+    assert rc == 0, err
     report = json.loads(out)
     assert report["journal_before"] == 7
     assert report["rc"] == 0
@@ -531,22 +512,8 @@ def test_journald_falling_behind_is_counted_and_reported(loadgen):
     queue of 20: the records it could not queue are counted (summary, stderr
     line, PRIORITY 4 records), and with journald stuck a stop still ends
     within the grace, counting what was left."""
-    script = ("mount -t tmpfs tmpfs /run || exit 9; "
-              "if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal || exit 9; fi; "
-              'exec "$0" "$1" "$2"')
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                             sys.executable, helpers.JOURNALD_STALLS, loadgen],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert proc.returncode == 0, err
+    rc, out, err = helpers.run_private_journal(helpers.JOURNALD_STALLS, loadgen)
+    assert rc == 0, err
     report = json.loads(out)
     for name, r in report.items():
         assert r["rc"] == 0 and r["rows"] == r["expected"], (name, r)
@@ -590,32 +557,20 @@ def test_journald_rate_limit_drops_records_and_the_unit_lifts_it(loadgen):
     made = [d for d in (slice_dir, cgroup) if not os.path.exists(d)]
     for d in made:
         os.mkdir(d)
-    # Private tmpfs over /run, /etc/systemd (a journald.conf of the test's:
-    # 50 records every 2 s; journald scales the burst up a little with free
-    # space) and /var/log/journal: the host's stay untouched.
-    script = ("mount -t tmpfs -o size=256m tmpfs /run || exit 9; "
-              "if [ -d /var/log/journal ]; then "
-              "mount -t tmpfs -o size=256m tmpfs /var/log/journal || exit 9; fi; "
-              "mount -t tmpfs tmpfs /etc/systemd || exit 9; "
-              "printf '[Journal]\\nRateLimitIntervalSec=2s\\nRateLimitBurst=50\\n' "
-              "> /etc/systemd/journald.conf || exit 9; "
-              'exec "$0" "$1" "$2" "$3"')
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                             sys.executable, helpers.JOURNALD_RATELIMIT, loadgen, cgroup],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    # /etc/systemd private too, with a journald.conf of the test's: 50
+    # records every 2 s (journald scales the burst up a little with free
+    # space).
+    conf = ("mount -t tmpfs tmpfs /etc/systemd || exit 9; "
+            "printf '[Journal]\\nRateLimitIntervalSec=2s\\nRateLimitBurst=50\\n' "
+            "> /etc/systemd/journald.conf || exit 9; ")
     try:
-        out, err = proc.communicate(timeout=180)
+        rc, out, err = helpers.run_private_journal(helpers.JOURNALD_RATELIMIT, loadgen, cgroup,
+                                                   setup=conf, timeout=180)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
         for d in reversed(made):
             helpers.wait_for(lambda: not open(os.path.join(d, "cgroup.procs")).read(), 5)
             os.rmdir(d)
-    assert proc.returncode == 0, err
+    assert rc == 0, err
     report = json.loads(out)
     for phase in ("defaults", "unit"):
         r = report[phase]
