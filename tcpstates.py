@@ -28,8 +28,10 @@ Where things are, top to bottom (each section under a banner):
   4. Output        Formatter (table, wide, CSV, JSON rows from COLUMNS),
                    StuckFormatter (--stuck rows), LifeFormatter (--lifecycle
                    rows), journal records and JournalWriter; then, bannered,
-                   the metrics for Prometheus: Metrics (counted per batch
-                   from Tracer._drain, loss from Tracer.read_counters) and
+                   the metrics for Prometheus: Metrics (transitions and
+                   durations from the BPF program's metric_counts map, or
+                   counted per batch from Tracer._drain; connect results
+                   per batch; loss from Tracer.read_counters) and
                    MetricsExporter (--metrics HTTP, --metrics-file).
   5. Kernel        checks before compiling, probe_kernel, bpf_cflags (pure),
                    existing listeners, the program without the compiler
@@ -47,8 +49,9 @@ build_parser. A loss counter: an index in the C program's counters array,
 its reading in Tracer.read_counters, a field in Ledger, its word in
 Tracer.summary and in the man page's LOSS ACCOUNTING (and a cause in
 LOSS_CAUSES, set in Tracer.read_counters). A metric: its count in
-Metrics._fold, its family in Metrics.families, an entry in the man page's
-METRICS. A reason: a word in
+Metrics._fold (and, if the kernel counts it, in the C program's
+count_metrics and metric_counts), its family in Metrics.families, an entry
+in the man page's METRICS. A reason: a word in
 REASONS, its rule in decide_reason (and the man page's REASONS); a fact
 from another tracepoint: a hook in REASON_HOOKS, its C function behind
 its HAVE_ define, a KernelFacts field probed in probe_kernel.
