@@ -28,9 +28,12 @@ Where things are, top to bottom (each section under a banner):
   4. Output        Formatter (table, wide, CSV, JSON rows from COLUMNS),
                    StuckFormatter (--stuck rows), LifeFormatter (--lifecycle
                    rows), journal records, JournalSocket (journald's
-                   native protocol), JournalWriter (the sender thread); then, bannered,
-                   the metrics for Prometheus: Metrics (counted per batch
-                   from Tracer._drain, loss from Tracer.read_counters) and
+                   native protocol), JournalWriter (the sender thread);
+                   then, bannered, the metrics for Prometheus: Metrics
+                   (transitions and durations from the BPF program's
+                   metric_counts map, or counted per batch from
+                   Tracer._drain; connect results per batch; loss from
+                   Tracer.read_counters) and
                    MetricsExporter (--metrics HTTP, --metrics-file).
   5. Kernel        checks before compiling, probe_kernel, bpf_cflags (pure),
                    existing listeners, the program without the compiler
@@ -48,8 +51,9 @@ build_parser. A loss counter: an index in the C program's counters array,
 its reading in Tracer.read_counters, a field in Ledger, its word in
 Tracer.summary and in the man page's LOSS ACCOUNTING (and a cause in
 LOSS_CAUSES, set in Tracer.read_counters). A metric: its count in
-Metrics._fold, its family in Metrics.families, an entry in the man page's
-METRICS. A reason: a word in
+Metrics._fold (and, if the kernel counts it, in the C program's
+count_metrics and metric_counts), its family in Metrics.families, an entry
+in the man page's METRICS. A reason: a word in
 REASONS, its rule in decide_reason (and the man page's REASONS); a fact
 from another tracepoint: a hook in REASON_HOOKS, its C function behind
 its HAVE_ define, a KernelFacts field probed in probe_kernel.
@@ -317,7 +321,8 @@ class WriteAborted(Exception):
 BPF_PROGRAM = r"""
 /*
  * tcpstates: one event per TCP state change, from sock:inet_sock_set_state;
- * with WITH_REASONS, also why a connection ended (see "Reasons" below).
+ * with WITH_REASONS, also why a connection ended (see "Reasons" below);
+ * with WITH_METRICS, the counts behind the metrics (see "Metrics").
  *
  * No kernel header is included: the few constants needed are spelled out
  * below, and BCC builds the tracepoint's argument struct (args->...) from
@@ -454,6 +459,73 @@ BPF_PERF_OUTPUT(events);
 #define COUNT_FORGOTTEN     3
 #define N_COUNTERS          4
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+
+#ifdef WITH_METRICS
+/*
+ * Metrics (--metrics, --metrics-file, unless user space must count them
+ * itself: see metrics_in_kernel in tcpstates.py), counted here so that
+ * user space does nothing per event for them; it reads these at a scrape
+ * or a file write. Counted for every event in view, before the perf
+ * buffer: an event the buffer has no room for is counted all the same.
+ * By state number, 0 to METRIC_STATES - 1 (Linux has 14 states; a larger
+ * number is not counted, and user space says so).
+ *   transitions  [old * METRIC_STATES + new]
+ *   durations    per state left, METRIC_BUCKETS + 2 words: the spans
+ *                (SPAN_KNOWN only) up to each bound (not cumulative), the
+ *                ones above the last bound, and the sum of the spans in us
+ * Per CPU, and no atomics: nothing runs inside a BPF program on its CPU
+ * (the kernel skips a tracepoint hit while one runs, see "Reasons").
+ */
+#define METRIC_STATES 32
+struct metric_counts {
+    u64 transitions[METRIC_STATES * METRIC_STATES];
+    u64 durations[METRIC_STATES * (METRIC_BUCKETS + 2)];
+};
+BPF_PERCPU_ARRAY(metric_counts, struct metric_counts, 1);
+/* The histogram's bucket bounds in us, ascending, filled by user space
+ * before the program is attached (DURATION_BOUNDS_US). */
+struct metric_bounds {
+    u64 us[METRIC_BUCKETS];
+};
+BPF_ARRAY(metric_bounds, struct metric_bounds, 1);
+
+static inline void count_metrics(int oldstate, int newstate, u16 flags, u64 span_us)
+{
+    u32 old = oldstate, new = newstate;
+    if (old >= METRIC_STATES || new >= METRIC_STATES)
+        return;
+    u32 zero = 0;
+    struct metric_counts *m = metric_counts.lookup(&zero);
+    if (!m)
+        return;
+    /* clang tests (old | new) once and may then index with another copy
+     * of them, which the verifier does not know to be bounded: each index
+     * is bounded where it is used, behind a barrier clang cannot see
+     * through (libbpf's barrier_var), so that it keeps the test; and
+     * 64 bits wide, as a 32-bit index is widened in a copy the verifier
+     * does not link to the one tested. */
+    u64 pair = old * METRIC_STATES + new;
+    asm volatile("" : "+r"(pair));
+    m->transitions[pair & (METRIC_STATES * METRIC_STATES - 1)]++;
+    if (!(flags & SPAN_KNOWN))
+        return;
+    struct metric_bounds *b = metric_bounds.lookup(&zero);
+    if (!b)
+        return;
+    u64 bucket = METRIC_BUCKETS;
+#pragma unroll
+    for (int i = METRIC_BUCKETS - 1; i >= 0; i--)
+        if (span_us <= b->us[i])
+            bucket = i;
+    u64 row = old * (METRIC_BUCKETS + 2);
+    asm volatile("" : "+r"(row));
+    asm volatile("" : "+r"(bucket));
+    if (row > (METRIC_STATES - 1) * (METRIC_BUCKETS + 2) || bucket > METRIC_BUCKETS)
+        return;
+    m->durations[row + bucket]++;
+    m->durations[row + METRIC_BUCKETS + 1] += span_us;
+}
+#endif
 
 static inline void count(u32 which)
 {
@@ -848,6 +920,10 @@ int on_set_state(struct tracepoint__sock__inet_sock_set_state *args)
                 !(FILTER_REASONS & REASON_BIT_REFUSED))
             return 0;
     }
+#endif
+
+#ifdef WITH_METRICS
+    count_metrics(oldstate, newstate, ev.flags, ev.span_us);
 #endif
 
     ev.ts_ns = now;
@@ -2313,8 +2389,14 @@ METRICS_DEFAULT_ADDRESS = "127.0.0.1"
 # tcpstates_events_lost_total{cause}: the Ledger's losses, and the journal's
 LOSS_CAUSES = ("perf_buffer", "kernel_skip", "gap", "not_written", "journal")
 # tcpstates_connections_total{result}: what became of a connect() (an active
-# open, a socket leaving SYN_SENT). See connection_outcomes.
-CONNECT_RESULTS = ("established", "failed")
+# open, a socket leaving SYN_SENT): "established", or the close reason's
+# word (REASONS) of its SYN_SENT -> CLOSE, or "unknown" where the kernel
+# said nothing that decide_reason takes as a reason. These are the words
+# decide_reason can give a SYN_SENT -> CLOSE (a reset received there is
+# "refused"; reset-by-peer, closed and listener-closed need other states):
+# a fixed set, so the series stay few. See connect_results.
+CONNECT_RESULTS = ("established", "refused", "timeout", "unreachable", "aborted",
+                   "reset-sent", "unknown")
 _TCP_ESTABLISHED, _TCP_SYN_SENT, _TCP_CLOSE = 1, 2, 7
 # Metrics.add keeps one int per event, folded into the counts in bulk (at
 # a scrape, a file write, or when this many are waiting: the sort costs
@@ -2322,29 +2404,49 @@ _TCP_ESTABLISHED, _TCP_SYN_SENT, _TCP_CLOSE = 1, 2, 7
 METRICS_FOLD_AT = 4096
 _SPAN_BITS = 48         # a span is below 2**48 us (8.9 years): spans are
 _SPAN_MASK = (1 << _SPAN_BITS) - 1      # bounded by the uptime
+# Counted in the kernel (see "Metrics" in the BPF program): states 0 to
+# METRIC_STATES - 1; the words of its metric_counts map, per CPU.
+METRIC_STATES = 32
+METRIC_WORDS = METRIC_STATES * METRIC_STATES + METRIC_STATES * (len(DURATION_BOUNDS_US) + 2)
 
 
-def connection_outcomes(transitions):
-    """{result: count} of the connect attempts that ended, from counts of
-    {(oldstate, newstate): count}: SYN_SENT -> ESTABLISHED is
-    "established", SYN_SENT -> CLOSE is "failed" (refused, timed out, reset,
-    or given up by the application: the transition alone cannot tell).
+def connect_results(events, reasons):
+    """{result: count} of the connect attempts that ended in these events:
+    SYN_SENT -> ESTABLISHED is "established", SYN_SENT -> CLOSE its close
+    reason's word (reasons: a Reasons), "unknown" without one (a connect
+    given up by close(), or a kernel without the tracepoint that would
+    have told). A connect's other moves (SYN_SENT -> SYN_RECV, a
+    simultaneous open) are not its end. Few events leave SYN_SENT (two of a
+    connection's ten): the rest cost one comparison each."""
+    results = {}
+    for ev in [ev for ev in events if ev[8] == _TCP_SYN_SENT]:
+        if ev[9] == _TCP_ESTABLISHED:
+            result = "established"
+        elif ev[9] == _TCP_CLOSE:
+            result = reasons(ev).word
+            if result not in CONNECT_RESULTS:
+                result = "unknown"
+        else:
+            continue
+        results[result] = results.get(result, 0) + 1
+    return results
 
-    TODO(close reasons): once events carry the kernel's reason for a close,
-    "failed" is to be split by it ("refused", "timeout", "reset", ...,
-    "failed" kept for events without one). Failed connects are few: count
-    the reasons of the SYN_SENT -> CLOSE events of each batch in
-    Metrics.add, e.g. Counter(ev[REASON] for ev in events if ev[8] == 2 and
-    ev[9] == 7), subtract them from "failed" here, and add the results to
-    CONNECT_RESULTS."""
-    outcomes = {}
-    established = transitions.get((_TCP_SYN_SENT, _TCP_ESTABLISHED))
-    if established:
-        outcomes["established"] = established
-    failed = transitions.get((_TCP_SYN_SENT, _TCP_CLOSE))
-    if failed:
-        outcomes["failed"] = failed
-    return outcomes
+
+def metric_counts(words, nbounds=None):
+    """The kernel's metric counts (the words of metric_counts, summed over
+    CPUs) as Metrics keeps its own: ({(oldstate, newstate): count},
+    {(state,): [per bucket..., above the last bound, sum of spans in us]}),
+    without the zeros (a pair or state never seen has no series)."""
+    nbounds = len(DURATION_BOUNDS_US) if nbounds is None else nbounds
+    n, width = METRIC_STATES, nbounds + 2
+    transitions = {(index // n, index % n): count
+                   for index, count in enumerate(words[:n * n]) if count}
+    durations = {}
+    for state in range(n):
+        entry = list(words[n * n + state * width:n * n + (state + 1) * width])
+        if any(entry[:-1]):
+            durations[(state,)] = entry
+    return transitions, durations
 
 
 def local_port_range(path="/proc/sys/net/ipv4/ip_local_port_range"):
@@ -2372,6 +2474,12 @@ class Metrics:
     bisection, so that its cost per event is a share of one sort however
     small the batches were (tens of events at a few thousand a second).
 
+    With in_kernel, the transitions and the histogram are the BPF
+    program's counts instead (see "Metrics" in it), read from its map by
+    the reader given to attach_kernel at every collection, and kept at
+    detach_kernel for the collections after the program is gone: add()
+    then only counts the events and the connect results (connect_results).
+
     With `by` ("lport", "comm" or both) the counts are kept per set of
     those label values. The sets are capped at `limit`: events of later
     ones are counted under "other" in each label (one warning says so),
@@ -2379,8 +2487,14 @@ class Metrics:
     socket's local port is chosen by the kernel: ports in the ephemeral
     range (and 0, in a connect's first event) are labelled "ephemeral"."""
 
-    def __init__(self, by=(), ephemeral=(32768, 60999), limit=METRICS_BY_LIMIT, warn=None):
+    def __init__(self, by=(), ephemeral=(32768, 60999), limit=METRICS_BY_LIMIT, warn=None,
+                 reasons=None, in_kernel=False):
         self.by = tuple(name for name in METRICS_BY_CHOICES if name in by)
+        if in_kernel and self.by:
+            raise ValueError("the kernel counts without labels")
+        self.in_kernel = in_kernel
+        self.kernel = None          # in_kernel: () -> (transitions, durations)
+        self.reasons = reasons or Reasons()
         self.ephemeral = ephemeral
         self.limit = limit
         self.warn = warn
@@ -2409,7 +2523,14 @@ class Metrics:
         """Count a batch of event tuples (Event's field order)."""
         if not events:
             return
+        if self.in_kernel:
+            results = connect_results(events, self.reasons)
+            with self.lock:
+                self.events += len(events)
+                self._add_results((), results)
+            return
         groups = self._grouped(events) if self.by else (((), events),)
+        results = [(labels, connect_results(batch, self.reasons)) for labels, batch in groups]
         packed = [(labels, [((ev[8] << 16 | ev[9]) << 1 | ev[10] & SPAN_KNOWN) << _SPAN_BITS
                             | ev[2] for ev in batch])
                   for labels, batch in groups]
@@ -2422,8 +2543,29 @@ class Metrics:
                     kept.extend(keys)
             self.events += len(events)
             self.npending += len(events)
+            for labels, counts in results:
+                self._add_results(labels, counts)
             if self.npending >= METRICS_FOLD_AT:
                 self._fold()
+
+    def _add_results(self, labels, results):
+        counts = self.connections
+        for result, n in results.items():
+            key = labels + (result,)
+            counts[key] = counts.get(key, 0) + n
+
+    def attach_kernel(self, reader):
+        """in_kernel: read the program's counts with reader from now on."""
+        with self.lock:
+            self.kernel = reader
+
+    def detach_kernel(self):
+        """Keep the program's last counts, before it is closed (a scrape
+        or file write in progress ends first: it holds the lock)."""
+        with self.lock:
+            if self.kernel is not None:
+                self.transitions, self.durations = self.kernel()
+                self.kernel = None
 
     def _fold(self):
         """Count what add() kept (the lock held)."""
@@ -2456,10 +2598,6 @@ class Metrics:
             counts = self.transitions
             for pair, n in transitions.items():
                 key = labels + pair
-                counts[key] = counts.get(key, 0) + n
-            counts = self.connections
-            for result, n in connection_outcomes(transitions).items():
-                key = labels + (result,)
                 counts[key] = counts.get(key, 0) + n
 
     def _grouped(self, events):
@@ -2519,8 +2657,11 @@ class Metrics:
             self._fold()
             stuck = None if self.stuck is None else dict(self.stuck)
             events = self.events
-            transitions = dict(self.transitions)
-            durations = {key: list(entry) for key, entry in self.durations.items()}
+            if self.kernel is not None:
+                transitions, durations = self.kernel()
+            else:
+                transitions = dict(self.transitions)
+                durations = {key: list(entry) for key, entry in self.durations.items()}
             connections = dict(self.connections)
             lost = dict(self.lost)
         by = list(self.by)
@@ -2551,7 +2692,9 @@ class Metrics:
         family = CounterMetricFamily(
             "tcpstates_connections",
             "Outgoing connection attempts (connect) that ended, by result: "
-            "established, or failed.",
+            "established, or the close reason of a failed one (refused, timeout, "
+            "unreachable, aborted, reset-sent), or unknown when the kernel gave "
+            "none (a connect given up by close(), or a reason's tracepoint missing).",
             labels=by + ["result"])
         for key in sorted(connections):
             family.add_metric(list(key), connections[key])
@@ -2879,8 +3022,22 @@ def reset_reason_names():
 
 
 def reasons_wanted(args):
-    """Whether the output shows reasons: REASON with -x, -j, -Y, --reason."""
-    return bool(args.extended or args.json or args.journal or args.reasons)
+    """Whether the program learns reasons: the output shows them (REASON
+    with -x, -j, -Y, --reason), or the metrics count failed connects by
+    them (tcpstates_connections_total)."""
+    return bool(args.extended or args.json or args.journal or args.reasons
+                or args.metrics or args.metrics_file)
+
+
+def metrics_in_kernel(args):
+    """Whether the BPF program counts the metrics' transitions and
+    histogram (WITH_METRICS), user space reading its map: with a metrics
+    option, unless user space must count them itself, because it labels
+    each event (--metrics-by), drops events the kernel sends (--reason
+    decides some reasons in user space), or stops at a number of rows
+    (--count: the kernel would go on counting until the detach)."""
+    return bool((args.metrics or args.metrics_file) and not args.metrics_by
+                and not args.reasons and args.count is None)
 
 
 def state_mask(numbers):
@@ -2924,6 +3081,9 @@ def bpf_cflags(args, facts=KernelFacts(destroy_hook=False)):
         flags.append("-DTEST_SKIP_NEWSTATE=%d" % args.test_skip[0])
     if facts.destroy_hook:
         flags.append("-DHAVE_TCP_DESTROY_SOCK=1")
+    if metrics_in_kernel(args):
+        flags.append("-DWITH_METRICS=1")
+        flags.append("-DMETRIC_BUCKETS=%d" % len(DURATION_BOUNDS_US))
     if reasons_wanted(args):
         flags.append("-DWITH_REASONS=1")
         # facts this long before or after a move to CLOSE are another
@@ -2962,7 +3122,8 @@ def reason_notes(args, facts):
     """What --ebpf says of the reasons on this kernel: one line per missing
     tracepoint and what its absence leaves unknown."""
     if not reasons_wanted(args):
-        return ["// reasons: off (shown with -x, -j, -Y or --reason)"]
+        return ["// reasons: off (shown with -x, -j, -Y or --reason, counted with "
+                "--metrics or --metrics-file)"]
     notes = []
     for fact, tracepoint, _function, lost in REASON_HOOKS:
         if not getattr(facts, fact):
@@ -3338,6 +3499,18 @@ class Program:
             start = key
             if lib.bpf_lookup_elem(fd, key, value) == 0:    # (it may be gone)
                 yield key.raw, value.raw
+
+    def percpu_words(self, name):
+        """The u64 words of a per-CPU array's first value, summed over CPUs."""
+        size = self.info[name]["value_size"]
+        stride = (size + 7) // 8 * 8
+        value = ctypes.create_string_buffer(stride * self.ncpus)
+        if self.lib.bpf_lookup_elem(self.maps[name], struct.pack("<I", 0), value) != 0:
+            raise OSError(ctypes.get_errno(), _errno_text("reading map " + name))
+        words = struct.Struct("<%dQ" % (size // 8))
+        raw = value.raw
+        return [sum(column) for column in zip(*(words.unpack_from(raw, cpu * stride)
+                                                for cpu in range(self.ncpus)))]
 
     def percpu_sum(self, name, index):
         """The sum over CPUs of a per-CPU array's u64 at index."""
@@ -4271,7 +4444,9 @@ class Tracer:
         # MetricsExporter (which main starts before the program is attached)
         self.metrics = None
         if args.metrics or args.metrics_file:
-            self.metrics = Metrics(args.metrics_by or (), local_port_range(), warn=self.warn)
+            self.metrics = Metrics(args.metrics_by or (), local_port_range(), warn=self.warn,
+                                   reasons=self.formatter.reasons,
+                                   in_kernel=metrics_in_kernel(args))
         if journal_sender is not None:
             self.journal = JournalWriter(self.formatter.clock, self.formatter.procs,
                                          journal_sender, args.journal_queue,
@@ -4318,6 +4493,11 @@ class Tracer:
             self._seed_listeners()
             self._fill_port_map("local_ports", self.args.localport)
             self._fill_port_map("remote_ports", self.args.remoteport)
+            if self.metrics is not None and self.metrics.in_kernel:
+                self.program.update("metric_bounds", struct.pack("<I", 0),
+                                    struct.pack("<%dQ" % len(DURATION_BOUNDS_US),
+                                                *DURATION_BOUNDS_US))
+                self.metrics.attach_kernel(self._metric_counts)
             cpus = cpu_list("/sys/devices/system/cpu/online")
             Rings = PerfRings
             if os.uname().machine not in PERF_EVENT_OPEN or self.args.bcc_reader:
@@ -4355,6 +4535,9 @@ class Tracer:
         if self.program is not None:
             self.program.detach()
 
+    def _metric_counts(self):
+        return metric_counts(self.program.percpu_words("metric_counts"))
+
     def close(self):
         if self.journal is not None:
             self.journal.close()
@@ -4362,6 +4545,8 @@ class Tracer:
             rings, self.rings = self.rings, None
             rings.close()
         if self.program is not None:
+            if self.metrics is not None:
+                self.metrics.detach_kernel()    # its last counts, kept
             program, self.program = self.program, None
             program.close()
         self.out.close()

@@ -11,6 +11,12 @@ counts the tracer's own CPU time (user + system, from /proc) over a load of
 RATE connections/s for S seconds (10 events each), and divides by the events
 the tracer saw (its summary's "printed"). Medians per variant, and each
 variant's cost against plain. Needs root; takes about (3 x REPS x (S + 5)) s.
+
+The BPF programs' own time is charged to whatever task is on the CPU (the
+load, mostly), not to the tracer: it is measured apart, with the kernel's
+BPF statistics switched on for the run (kernel.bpf_stats_enabled, set back
+after), as the run_time_ns of every program the tracer holds (its
+/proc/PID/fdinfo) over the same load, per event.
 """
 import argparse
 import os
@@ -35,6 +41,24 @@ def scraper(port, stop):
             pass
 
 
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def bpf_run_ns(pid):
+    """The run time (ns) of every BPF program the process holds open."""
+    total = 0
+    fds = "/proc/%d/fdinfo" % pid
+    for fd in os.listdir(fds):
+        try:
+            with open(os.path.join(fds, fd)) as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if "prog_type" in info and "run_time_ns" in info:
+            total += int(info["run_time_ns"])
+    return total
+
+
 def one_run(loadgen, extra, rate, seconds):
     metrics_port = bench.free_port() if extra is not None else None
     command = "%s %s -s" % (bench.PY, TOOL)
@@ -48,19 +72,19 @@ def one_run(loadgen, extra, rate, seconds):
             thread = threading.Thread(target=scraper, args=(metrics_port, stop), daemon=True)
             thread.start()
         port = bench.free_port()
-        before = run.cpu()
+        before, bpf_before = run.cpu(), bpf_run_ns(run.tracer_pid())
         load = bench.run_load(loadgen, port, "-r", rate, "-n", int(rate * seconds),
                               "-d", seconds + 5)
         expected = bench.EVENTS_PER_CONNECTION * load["connections"] + bench.LISTENER_EVENTS
         run.wait_quiet(port, expected)
-        used = run.cpu() - before
+        used, bpf_ns = run.cpu() - before, bpf_run_ns(run.tracer_pid()) - bpf_before
         stop.set()
         if thread:
             thread.join()
-        return used
-    used, text = bench.traced(command, body)
+        return used, bpf_ns
+    (used, bpf_ns), text = bench.traced(command, body)
     printed = int(re.search(r"summary: (\d+) printed", text).group(1))
-    return used, printed
+    return used, bpf_ns, printed
 
 
 def main():
@@ -74,22 +98,40 @@ def main():
     loadgen = common.build_loadgen()
     variants = [("plain", None), ("metrics", ""), ("metrics-by", "--metrics-by lport,comm")]
     results = {name: [] for name, _ in variants}
-    for rep in range(args.reps):
-        for name, extra in variants[rep % 3:] + variants[:rep % 3]:
-            used, printed = one_run(loadgen, extra, args.rate, args.seconds)
-            us = used / printed * 1e6
-            results[name].append(us)
-            print("metrics_cost: %-10s %.3f s CPU, %d events, %.3f us/event"
-                  % (name, used, printed, us), file=sys.stderr)
+    in_bpf = {name: [] for name, _ in variants}
+    load_before = " ".join(open("/proc/loadavg").read().split()[:3])
+    with open(BPF_STATS) as f:
+        stats_were = f.read().strip()
+    with open(BPF_STATS, "w") as f:
+        f.write("1")
+    try:
+        for rep in range(args.reps):
+            for name, extra in variants[rep % 3:] + variants[:rep % 3]:
+                used, bpf_ns, printed = one_run(loadgen, extra, args.rate, args.seconds)
+                us = used / printed * 1e6
+                results[name].append(us)
+                in_bpf[name].append(bpf_ns / printed / 1e3)
+                print("metrics_cost: %-10s %.3f s CPU, %d events, %.3f us/event, "
+                      "BPF %.3f us/event" % (name, used, printed, us, in_bpf[name][-1]),
+                      file=sys.stderr)
+    finally:
+        with open(BPF_STATS, "w") as f:
+            f.write(stats_were)
     base = statistics.median(results["plain"])
-    print("conditions: %s, load %d conn/s for %d s, %d repetitions, load average %s"
-          % (common.machine().get("cpu"), args.rate, args.seconds, args.reps,
+    bpf_base = statistics.median(in_bpf["plain"])
+    print("conditions: %s, %s, load %d conn/s for %d s, %d repetitions, "
+          "load average %s before, %s after"
+          % (time.strftime("%Y-%m-%d %H:%M"), common.machine().get("cpu"), args.rate,
+             args.seconds, args.reps, load_before,
              " ".join(open("/proc/loadavg").read().split()[:3])))
     for name, _ in variants:
         med = statistics.median(results[name])
-        print("%-10s median %.3f us/event (%s)  %+.1f %%"
+        bpf_med = statistics.median(in_bpf[name])
+        print("%-10s tracer median %.3f us/event (%s)  %+.1f %%;  BPF median %.3f us/event "
+              "(%s)  %+.1f %%"
               % (name, med, ", ".join("%.3f" % v for v in results[name]),
-                 (med / base - 1) * 100))
+                 (med / base - 1) * 100, bpf_med,
+                 ", ".join("%.3f" % v for v in in_bpf[name]), (bpf_med / bpf_base - 1) * 100))
 
 
 if __name__ == "__main__":

@@ -695,7 +695,8 @@ def test_a_missing_tracepoint_disables_only_its_reasons():
     assert "gives no reset reason" in "\n".join(T.reason_notes(args, pre610))
     assert "-DHAVE_RST_ENUM=1" not in T.bpf_cflags(args, pre610)
     assert T.reason_notes(args_for(), facts()) == [
-        "// reasons: off (shown with -x, -j, -Y or --reason)"]
+        "// reasons: off (shown with -x, -j, -Y or --reason, counted with --metrics or "
+        "--metrics-file)"]
 
 
 def test_reason_filter_argument():
