@@ -106,7 +106,7 @@ def main():
         f.write("1")
     try:
         for rep in range(args.reps):
-            for name, extra in variants[rep % 3:] + variants[:rep % 3]:
+            for name, extra in variants[rep % len(variants):] + variants[:rep % len(variants)]:
                 used, bpf_ns, printed = one_run(loadgen, extra, args.rate, args.seconds)
                 us = used / printed * 1e6
                 results[name].append(us)
