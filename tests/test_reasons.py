@@ -306,7 +306,7 @@ def test_facts_are_never_given_to_another_socket():
     socket address, each within its CPU."""
     refused_port, linger_port = free_port(), free_port()
     stop = threading.Event()
-    counts = {"refused": 0, "linger": 0, "normal": 0}
+    counts = {"refused": 0, "linger": 0, "linger_refused": 0, "normal": 0}
 
     def refuser():
         while not stop.is_set():
@@ -316,7 +316,14 @@ def test_facts_are_never_given_to_another_socket():
     def lingerer():
         while not stop.is_set():
             with socket.socket() as c:
-                c.connect(("127.0.0.1", linger_port))
+                try:
+                    c.connect(("127.0.0.1", linger_port))
+                except ConnectionRefusedError:
+                    # the server stopped listening (stop is set) while this
+                    # connect was on its way: a refused connect, its row
+                    # says so
+                    counts["linger_refused"] += 1
+                    continue
                 try:
                     c.recv(1)
                 except ConnectionResetError:
@@ -366,7 +373,9 @@ def test_facts_are_never_given_to_another_socket():
     for r in recs:
         if r["newstate"] != "CLOSE":
             continue
-        if r["rport"] == refused_port and r["oldstate"] == "SYN_SENT":
+        # (a client of the linger server that leaves SYN_SENT for CLOSE was
+        # refused: the server had stopped listening, see lingerer)
+        if r["oldstate"] == "SYN_SENT" and r["rport"] in (refused_port, linger_port):
             check("refused", r, "refused", (111, None))
             tally["refused"][r["errno"] is None] += 1
         elif r["rport"] == linger_port:                     # the clients
@@ -379,7 +388,8 @@ def test_facts_are_never_given_to_another_socket():
             check("closed", r, "closed", (None,))
             tally["closed"] += 1
     assert counts["refused"] > 100 and counts["linger"] > 20 and counts["normal"] > 20, counts
-    assert sum(tally["refused"]) >= counts["refused"] - slack
+    assert counts["linger_refused"] <= 2, counts        # only at the very end
+    assert sum(tally["refused"]) >= counts["refused"] + counts["linger_refused"] - slack
     assert tally["sent"] >= counts["linger"] - slack
     assert sum(tally["peer"]) >= counts["linger"] - slack
     assert tally["closed"] >= 2 * counts["normal"] - slack
