@@ -1077,13 +1077,21 @@ int on_error(struct tracepoint__sock__inet_sk_error_report *args)
 #ifdef HAVE_RETRANSMIT
 /* Retries: retransmissions of a socket in its current state (SYN_SENT: of
  * its SYN). The kernel holds the socket's lock here and at its state
- * changes, so a plain increment is safe. */
+ * changes, so a plain increment is safe. And a connecting socket's local
+ * port: the kernel picks it just after the move to SYN_SENT, whose event
+ * has port 0, and a connect nobody answers has no event after that; its
+ * SYN sent again carries the port, which --stuck then reports. */
 int on_retransmit(struct tracepoint__tcp__tcp_retransmit_skb *args)
 {
     u64 sk = (u64)args->skaddr;
     struct sock_info *info = sockets.lookup(&sk);
-    if (info)
-        info->retries++;
+    if (!info)
+        return 0;
+#ifdef WITH_REASONS
+    info->retries++;
+#endif
+    if (info->state == TCP_SYN_SENT && info->lport == 0)
+        info->lport = args->sport;
     return 0;
 }
 #endif
@@ -3103,7 +3111,16 @@ def bpf_cflags(args, facts=KernelFacts(destroy_hook=False)):
             flags.append("-DHAVE_RST_REASON=1")
             if facts.rst_enum:
                 flags.append("-DHAVE_RST_ENUM=1")
+    elif stuck_port_hook(args, facts):
+        flags.append("-DHAVE_RETRANSMIT=1")
     return flags
+
+
+def stuck_port_hook(args, facts):
+    """Whether --stuck alone (without the reasons, which have it anyway)
+    attaches the retransmit hook, for a connecting socket's local port (see
+    on_retransmit)."""
+    return bool(args.stuck and facts.retransmit and not reasons_wanted(args))
 
 
 def bpf_hooks(args, facts):
@@ -3115,6 +3132,8 @@ def bpf_hooks(args, facts):
     if reasons_wanted(args):
         hooks += [(function, tracepoint) for fact, tracepoint, function, _lost in REASON_HOOKS
                   if getattr(facts, fact)]
+    elif stuck_port_hook(args, facts):
+        hooks.append(("on_retransmit", RETRANSMIT_TRACEPOINT))
     return hooks
 
 

@@ -156,6 +156,50 @@ def finish(*procs):
         p.kill()
 
 
+def unanswered_connect():
+    """A connect nobody answers, from a private network namespace (its SYN
+    routed to a neighbour that does not exist), given up after its third
+    SYN (about 7 s). The first line of its stdout is its local port."""
+    return subprocess.Popen(
+        ["unshare", "-n", "sh", "-c",
+         "ip link set lo up; ip link add v0 type veth peer name v1; "
+         "ip link set v0 up; ip link set v1 up; ip addr add 10.98.0.1/24 dev v0; "
+         "ip route add 10.99.0.0/16 via 10.98.0.2 dev v0; "
+         "ip neigh add 10.98.0.2 lladdr 02:00:00:00:00:02 dev v0; "
+         "sysctl -qw net.ipv4.tcp_syn_retries=2; "
+         "exec %s -c 'import select, socket; s = socket.socket(); s.setblocking(False)\n"
+         "s.connect_ex((\"10.99.0.1\", 23456)); print(s.getsockname()[1], flush=True)\n"
+         "select.select([], [s], [], 20)'" % sys.executable],
+        stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.live
+def test_stuck_connect_shows_its_local_port():
+    """--stuck alone (no reasons): a connect stuck in SYN_SENT is reported
+    with the local port the kernel chose after its first event (which has
+    port 0), from its SYN sent again."""
+    ns = None
+    try:
+        with TracerRun("-s", "--stuck", str(STUCK_S), "--stuck-states", "SYN_SENT") as tracer:
+            ns = unanswered_connect()
+            port = ns.stdout.readline().strip()
+
+            def stuck(lines):
+                return [r for r in parse_csv(lines)
+                        if r["C-COMM"] == "STUCK" and r["RPORT"] == "23456"]
+            assert tracer.wait_until(stuck, 10), tracer.snapshot()
+            row = stuck(tracer.snapshot())[0]
+            first = [r for r in parse_csv(tracer.snapshot())
+                     if r["RPORT"] == "23456" and r["NEWSTATE"] == "SYN_SENT"
+                     and r["C-COMM"] != "STUCK"]
+            assert tracer.stop() == 0
+        assert first and first[0]["LPORT"] == "0"       # the event: no port yet
+        assert row["NEWSTATE"] == "SYN_SENT" and row["LPORT"] == port != "0", (row, port)
+    finally:
+        if ns is not None:
+            helpers.kill_quietly(ns)
+
+
 @pytest.mark.live
 def test_stuck_close_wait_syn_sent_and_older_than_the_tracer():
     """One tracer run (CSV, -x): a CLOSE_WAIT leak made before the tracer
@@ -177,16 +221,8 @@ def test_stuck_close_wait_syn_sent_and_older_than_the_tracer():
             assert quick_cli.ask("close") == "closed"
             time.sleep(0.5)
             assert quick_srv.ask("close") == "closed"      # left CLOSE_WAIT at 0.5 s
-            ns = subprocess.Popen(
-                ["unshare", "-n", "sh", "-c",
-                 "ip link set lo up; ip link add v0 type veth peer name v1; "
-                 "ip link set v0 up; ip link set v1 up; ip addr add 10.98.0.1/24 dev v0; "
-                 "ip route add 10.99.0.0/16 via 10.98.0.2 dev v0; "
-                 "ip neigh add 10.98.0.2 lladdr 02:00:00:00:00:02 dev v0; "
-                 "sysctl -qw net.ipv4.tcp_syn_retries=2; "
-                 "exec %s -c 'import socket; s = socket.socket(); s.settimeout(20)\n"
-                 "try: s.connect((\"10.99.0.1\", 23456))\nexcept OSError as e: print(e)'"
-                 % sys.executable], stdout=subprocess.PIPE, text=True)
+            ns = unanswered_connect()
+            syn_port = ns.stdout.readline().strip()
 
             def stuck(lines):
                 return [r for r in parse_csv(lines) if r["C-COMM"].startswith("STUCK")]
@@ -212,6 +248,7 @@ def test_stuck_close_wait_syn_sent_and_older_than_the_tracer():
         assert str(quick_port) not in mine
         syn = mine["23456"]
         assert syn["NEWSTATE"] == "SYN_SENT" and syn["RADDR"] == "10.99.0.1"
+        assert syn["LPORT"] == syn_port != "0"          # learned from the SYN sent again
         assert syn["O-PID"] == str(ns.pid) and syn["C-COMM"] == "STUCK"
         assert "stuck: %d reported" % len(rows) in tracer.stderr
     finally:

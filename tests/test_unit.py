@@ -678,6 +678,20 @@ def test_reasons_only_cost_when_shown():
             assert "int %s(struct tracepoint__" % name in T.BPF_PROGRAM
 
 
+def test_stuck_alone_attaches_the_retransmit_hook_for_a_connects_port():
+    stuck = args_for("--stuck", "5")
+    assert T.bpf_cflags(stuck, facts()) == ["-DHAVE_TCP_DESTROY_SOCK=1", "-DHAVE_RETRANSMIT=1"]
+    assert [f for f, _ in T.bpf_hooks(stuck, facts())] == [
+        "on_set_state", "on_destroy", "on_retransmit"]
+    # without the tracepoint: nothing (the port stays 0), no failure
+    assert [f for f, _ in T.bpf_hooks(stuck, facts(retransmit=False))] == [
+        "on_set_state", "on_destroy"]
+    # with the reasons it is there once, counting retries too
+    both = args_for("--stuck", "5", "-x")
+    assert [f for f, _ in T.bpf_hooks(both, facts())].count("on_retransmit") == 1
+    assert T.bpf_cflags(both, facts()).count("-DHAVE_RETRANSMIT=1") == 1
+
+
 def test_a_missing_tracepoint_disables_only_its_reasons():
     args = args_for("-x")
     old = facts(reset_out=False, rst_reason=False, rst_enum=False, error_report=False)
