@@ -234,16 +234,25 @@ def test_causal_order_across_cpus():
             assert t.stop() == 0
     server_rows = parse_csv(t_local.snapshot())
     client_rows = parse_csv(t_remote.snapshot())
-    for rows, seq_accepted in ((server_rows, ACCEPTED_SEQUENCE), (client_rows, CLIENT_SEQUENCE)):
+    for t, rows, seq_accepted in ((t_local, server_rows, ACCEPTED_SEQUENCE),
+                                  (t_remote, client_rows, CLIENT_SEQUENCE)):
+        # In order, but for events read later than the reorder margin (the
+        # tracer not scheduled for that long, on a busy machine): those go
+        # out as they come, and are counted in the summary as "late".
+        late = helpers.summary(t.stderr)["late"]
         stamps = [float(r["TIME(s)"]) for r in rows]
-        assert stamps == sorted(stamps), "TIME(s) went backwards"
+        backwards = sum(1 for a, b in zip(stamps, stamps[1:]) if b < a)
+        assert backwards <= late, ("TIME(s) went backwards, uncounted", backwards, late)
         socks = {}
         for r in rows:
             if r["RPORT"] == "0":
                 continue
-            # SKADDRs are reused: a socket's life ends at CLOSE.
-            socks.setdefault(r["SKADDR"], []).append((r["OLDSTATE"], r["NEWSTATE"]))
-        for skaddr, seq in socks.items():
+            # SKADDRs are reused: a socket's life ends at CLOSE. (By the
+            # kernel's time: a late row is out of place only in the output.)
+            socks.setdefault(r["SKADDR"], []).append(
+                (float(r["TIME(s)"]), r["OLDSTATE"], r["NEWSTATE"]))
+        for skaddr, events in socks.items():
+            seq = [e[1:] for e in sorted(events, key=lambda e: e[0])]
             lives = [seq[i:i + 5] for i in range(0, len(seq), 5)]
             assert all(life == seq_accepted for life in lives), (skaddr, seq[:10])
     # the two CPUs really were both involved
