@@ -270,6 +270,7 @@ JOURNAL_QUEUE = 65536           # records waiting for journald, at most (see Jou
 JOURNAL_SNDBUF = 8 << 20        # the journal socket's send buffer, as libsystemd asks
 JOURNAL_RETRY_S = 1.0           # journald gone: look for it again this often
 JOURNAL_BACKOFF_S = 0.0002      # journald's socket queue full: try again after this
+JOURNAL_STALL_S = 2.0           # at the end, journald took nothing this long: stop waiting
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # --stuck: a socket that has stayed SECONDS in one of these states (by
@@ -468,7 +469,7 @@ BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
  * or a file write. Counted for every event in view, before the perf
  * buffer: an event the buffer has no room for is counted all the same.
  * By state number, 0 to METRIC_STATES - 1 (Linux has 14 states; a larger
- * number is not counted, and user space says so).
+ * number is not counted, as the man page's METRICS says).
  *   transitions  [old * METRIC_STATES + new]
  *   durations    per state left, METRIC_BUCKETS + 2 words: the spans
  *                (SPAN_KNOWN only) up to each bound (not cumulative), the
@@ -2120,6 +2121,13 @@ def journal_entry_function(clock, owner_of, reasons):
     return entry
 
 
+def _bare(exc):
+    """An exception like exc without its traceback: kept or raised again
+    for every record while journald is away, exc's would keep the frames
+    of every failed send alive, with their records."""
+    return type(exc)(*exc.args)
+
+
 class JournalSocket:
     """The sender of -Y: journald's native protocol, one datagram per record,
     on a non-blocking socket connected to JOURNAL_SOCKET. (python-systemd's
@@ -2153,7 +2161,7 @@ class JournalSocket:
     def _connect(self):
         now = time.monotonic_ns()
         if self.error is not None and now < self.retry_ns:
-            raise self.error
+            raise _bare(self.error)
         self.retry_ns = now + int(JOURNAL_RETRY_S * 1e9)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
@@ -2167,7 +2175,7 @@ class JournalSocket:
             sock.connect(self.path)
         except OSError as exc:
             sock.close()
-            self.error = exc
+            self.error = _bare(exc)
             raise
         self.error = None
         self.sock = sock
@@ -2181,7 +2189,7 @@ class JournalSocket:
             return False
         except OSError as exc:
             self.close()
-            self.error = exc
+            self.error = _bare(exc)
             raise
         return True
 
@@ -2320,7 +2328,7 @@ class JournalWriter:
                         break
                 except OSError as exc:
                     if self.error is None:
-                        self.error = exc
+                        self.error = _bare(exc)
                     self.failed += counted
                     break
                 sleep(JOURNAL_BACKOFF_S)        # journald's queue is full
@@ -2337,17 +2345,21 @@ class JournalWriter:
 
     def finish(self, stop):
         """Let the thread send what is queued, and end it. It may take as long
-        as journald needs; after a stop request not past its deadline: the
-        records left then are not sent (see unsent)."""
+        as journald keeps taking records; not once it has taken none for
+        JOURNAL_STALL_S (stuck, not busy), and after a stop request not past
+        its deadline: the records left then are not sent (see unsent)."""
         if self._thread is None:
             self._closing = True
             return
         with self._wake:
             self._closing = True
             self._wake.notify()
+        sent, progress = self.sent, time.monotonic()
         while self._thread.is_alive():
-            deadline = stop.deadline
-            if deadline is not None and time.monotonic() >= deadline:
+            now, deadline = time.monotonic(), stop.deadline
+            if self.sent != sent:
+                sent, progress = self.sent, now
+            if (deadline is not None and now >= deadline) or now - progress >= JOURNAL_STALL_S:
                 self.close()
                 return
             self._thread.join(WAIT_STEP_MS / 1000)
@@ -2363,6 +2375,8 @@ class JournalWriter:
             self._abort = True
             self._wake.notify()
         self._thread.join(WAIT_STEP_MS / 1000)
+        if not self._thread.is_alive():
+            getattr(self.sender, "close", lambda: None)()
 
 
 # -- Output, continued: metrics for Prometheus (--metrics, --metrics-file) --
@@ -2569,10 +2583,16 @@ class Metrics:
 
     def detach_kernel(self):
         """Keep the program's last counts, before it is closed (a scrape
-        or file write in progress ends first: it holds the lock)."""
+        or file write in progress ends first: it holds the lock). If the
+        map cannot be read now, the counts of the last reading stay."""
         with self.lock:
             if self.kernel is not None:
-                self.transitions, self.durations = self.kernel()
+                try:
+                    self.transitions, self.durations = self.kernel()
+                except OSError as exc:
+                    if self.warn:
+                        self.warn("metrics: the kernel's last counts could not be read (%s); "
+                                  "the last scrape's stay" % (exc.strerror or exc))
                 self.kernel = None
 
     def _fold(self):
@@ -2666,7 +2686,8 @@ class Metrics:
             stuck = None if self.stuck is None else dict(self.stuck)
             events = self.events
             if self.kernel is not None:
-                transitions, durations = self.kernel()
+                # kept: the counts at the end if the map is gone by then
+                transitions, durations = self.transitions, self.durations = self.kernel()
             else:
                 transitions = dict(self.transitions)
                 durations = {key: list(entry) for key, entry in self.durations.items()}
@@ -4459,6 +4480,7 @@ class Tracer:
         self.ledger = Ledger()
         self.rings = None
         self.journal = None
+        self.dropped_reported = 0       # journal.dropped at the last loss report
         # --metrics, --metrics-file: counts kept here, published by a
         # MetricsExporter (which main starts before the program is attached)
         self.metrics = None
@@ -4595,6 +4617,8 @@ class Tracer:
             # What journald has not taken yet, within the stop grace.
             self.journal.finish(self.stop)
             self.ledger.unsent = self.journal.unsent
+            if self.metrics is not None:
+                self.metrics.set_lost(journal=self.ledger.unsent)
             failure = self.journal.warning()
             if failure:
                 self.warn(failure)
@@ -4773,7 +4797,9 @@ class Tracer:
         if new["unsent"]:
             parts.append("%d journal records not sent (%d in all)%s"
                          % (new["unsent"], ledger.unsent,
-                            ": journald fell behind" if self.journal.dropped else ""))
+                            ": journald fell behind" if self.journal.dropped > self.dropped_reported
+                            else ""))
+            self.dropped_reported = self.journal.dropped
         self.warn("; ".join(parts))
         if self.journal is not None:
             self.journal.lost(new["lost"] + new["skipped"], ledger.lost + ledger.skipped,

@@ -253,6 +253,49 @@ def test_sender_gives_up_at_the_stop_deadline_and_counts_what_is_left():
     assert writer.sent == 0 and writer.unsent == 100
 
 
+def test_at_a_normal_end_a_stuck_journald_is_given_up_after_it_takes_nothing(monkeypatch):
+    """--duration or --count (no stop signal, no deadline): the wait lasts
+    while journald takes records, and ends once it has taken none for
+    JOURNAL_STALL_S; what is left is counted."""
+    monkeypatch.setattr(tcpstates, "JOURNAL_STALL_S", 0.3)
+    got = []
+
+    def slow_then_stuck(record):
+        # journald takes 10 records, one every 50 ms, then none
+        if len(got) >= 10:
+            return False
+        time.sleep(0.05)
+        got.append(record)
+        return True
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), slow_then_stuck)
+    writer.start()
+    writer.events([tuple(make_event())] * 100)
+    began = time.monotonic()
+    writer.finish(Stop())
+    took = time.monotonic() - began
+    # 0.5 s taking records (waited for), then 0.3 s taking none
+    assert 0.7 < took < 2.0, took
+    assert not writer._thread.is_alive()
+    assert writer.sent == len(got) == 10 and writer.unsent == 90
+
+
+def test_a_failure_is_kept_without_its_traceback():
+    """Kept for the warning (and, in JournalSocket, raised again for every
+    record while journald is away): with its traceback it would keep the
+    frames of a failed send, with their records, alive."""
+    def down(record):
+        raise ConnectionRefusedError(111, "Connection refused")
+    writer = tcpstates.JournalWriter(tcpstates.Clock(), FakeProcs(), down)
+    writer.events([tuple(make_event())] * 3)
+    assert writer.error.__traceback__ is None and writer.error.errno == 111
+    sock = tcpstates.JournalSocket("/nonexistent/socket")
+    for _ in range(3):
+        with pytest.raises(FileNotFoundError) as raised:
+            sock(b"MESSAGE=x\n")
+        assert raised.value is not sock.error
+    assert sock.error.__traceback__ is None
+
+
 def test_journal_socket_sends_backs_off_and_finds_a_new_journald(tmp_path, monkeypatch):
     path = str(tmp_path / "socket")
     monkeypatch.setattr(tcpstates, "JOURNAL_RETRY_S", 0)
