@@ -194,17 +194,26 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+_HANDED_PORTS = set()
+
+
 def free_port(family=socket.AF_INET):
-    """A port below the ephemeral range (32768-60999) that is free now."""
+    """A port below the ephemeral range (32768-60999) that is free now, and
+    never handed out before in this process: a port a test only connects
+    to (refused, unanswered) is free again at once, and two ends of one
+    test must not share a port (the rows are told apart by port)."""
     host = "127.0.0.1" if family == socket.AF_INET else "::1"
     for _ in range(200):
         port = random.randint(20000, 32000)
+        if port in _HANDED_PORTS:
+            continue
         with socket.socket(family) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
-            return port
+        _HANDED_PORTS.add(port)
+        return port
     raise RuntimeError("no free test port")
 
 
