@@ -233,11 +233,15 @@ def test_one_row_per_connection_under_load(loadgen):
         n = tracer.settle(lambda ls: len(ls) - 1, load["connections"], timeout=30)
         assert tracer.stop() == 0
         rows = parse_csv(tracer.snapshot())
-    assert n == load["connections"] == 1000, (n, load)
+    # One row per connection the load made. (A burst this fast can leave a
+    # connect or two of the load generator without a socket, for want of a
+    # free local port: nothing happened to trace then.)
+    made = load["connections"]
+    assert n == made >= 990, (n, load)
     assert all(r["RPORT"] == str(port) for r in rows)
-    assert len({(r["SKADDR"], r["LPORT"]) for r in rows}) == 1000
+    assert len({(r["SKADDR"], r["LPORT"]) for r in rows}) == made
     s = helpers.summary(tracer.stderr)
-    assert s["printed"] == 1000 and s["lost"] == 0
+    assert s["printed"] == made and s["lost"] == 0
     # every row a full life, unless the kernel skipped one of its events
     full = [r for r in rows if r["AT_LEAST"] == "0" and r["ESTABLISHED"] not in ("", "-")]
-    assert len(full) >= 1000 - s["skipped"] - s["gaps"]
+    assert len(full) >= made - s["skipped"] - s["gaps"]
